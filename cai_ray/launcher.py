@@ -1,0 +1,116 @@
+"""The one place that turns plain role classes into Ray actors.
+
+Roles are plain classes (testable in-process); here they get ``ray.remote`` options, a placement-group
+bundle sized from their config (so an autoscaler can add nodes while a group is pending), restart
+policy and the environment from :mod:`cai_ray.backend`. Every wait has a deadline: a dead or stuck
+actor becomes :class:`RemoteCallError` naming it, never a hang.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cai_ray.backend import actor_env
+from cai_ray.config import ClusterConfig, ResourcesConfig
+
+T = TypeVar("T")
+
+
+class RemoteCallError(RuntimeError):
+    """A remote call failed or missed its deadline; the message names the actor and the call."""
+
+
+def init_ray(cluster: ClusterConfig) -> None:
+    """Join ``cluster.address`` / ``RAY_ADDRESS`` if given, else start a small local Ray."""
+    if ray.is_initialized():
+        return
+    env = {"env_vars": actor_env("cpu" if not _cuda() else "cuda")}
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=cluster.num_cpus,
+        include_dashboard=False,
+        object_store_memory=cluster.object_store_memory_mb << 20,
+        runtime_env=env,
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def bundle(resources: ResourcesConfig) -> dict[str, float]:
+    """A placement-group bundle for one actor."""
+    b = {"CPU": resources.num_cpus}
+    if resources.num_gpus:
+        b["GPU"] = resources.num_gpus
+    return b
+
+
+def reserve(bundles: Sequence[dict[str, float]], *, strategy: str, timeout_s: float, name: str) -> PlacementGroup:
+    """Create a placement group and wait for it; a pending group is what asks the autoscaler for nodes."""
+    pg = placement_group(list(bundles), strategy=strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise RemoteCallError(
+            f"placement group '{name}' ({list(bundles)}, {strategy}) was not scheduled within {timeout_s:.0f}s: "
+            "the cluster lacks these resources; lower the role's resources/num_workers or add nodes"
+        )
+    return pg
+
+
+def spawn(cls: type[T], *args: Any, resources: ResourcesConfig, pg: PlacementGroup | None = None,
+          bundle_index: int = -1, max_restarts: int = 0, name: str | None = None, **kwargs: Any) -> Any:
+    """Start ``cls`` as a Ray actor in bundle ``bundle_index`` of ``pg`` and return its handle."""
+    options: dict[str, Any] = {
+        "num_cpus": resources.num_cpus,
+        "num_gpus": resources.num_gpus,
+        "max_restarts": max_restarts,
+        "max_task_retries": 0,  # callers retry explicitly so no item is done twice
+        "runtime_env": {"env_vars": actor_env("cuda" if resources.num_gpus else "cpu")},
+    }
+    if name:
+        options["name"] = name
+    if pg is not None:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index)
+    return ray.remote(cls).options(**options).remote(*args, **kwargs)
+
+
+def get(refs: Any, *, timeout_s: float, what: str) -> Any:
+    """``ray.get`` with a deadline; failures name ``what`` (e.g. 'learner rank 1: train_step')."""
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise RemoteCallError(f"{what}: no answer within {timeout_s:.0f}s") from None
+    except ray.exceptions.RayActorError as err:
+        raise RemoteCallError(f"{what}: the actor died ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+    except ray.exceptions.RayTaskError as err:
+        raise RemoteCallError(f"{what}: failed: {err.cause!r}") from err
+
+
+def get_all(refs: Sequence[Any], *, timeout_s: float, names: Sequence[str]) -> list[Any]:
+    """Wait for one call per actor with one shared deadline; the error names each actor that failed."""
+    results: list[Any] = [None] * len(refs)
+    pending = {ref: i for i, ref in enumerate(refs)}
+    ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    errors = [f"{names[pending[r]]}: no answer within {timeout_s:.0f}s" for r in not_ready]
+    for ref in ready:
+        i = pending[ref]
+        try:
+            results[i] = ray.get(ref, timeout=0)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+            errors.append(f"{names[i]}: {type(err).__name__}: {str(err).splitlines()[0]}")
+    if errors:
+        raise RemoteCallError("; ".join(errors))
+    return results

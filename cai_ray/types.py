@@ -1,0 +1,103 @@
+"""Messages between roles: frozen dataclasses of plain Python values (cheap to ship through Ray).
+
+Token ids are tuples of ints; per-token values are tuples of floats, aligned with the token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A user prompt with a stable id."""
+
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled response of the policy (RolloutWorker output)."""
+
+    prompt_id: str
+    prompt: str  # the raw user text
+    prompt_token_ids: tuple[int, ...]  # [P] the rendered chat prompt, as fed to the engine
+    response_text: str
+    response_token_ids: tuple[int, ...]  # [R]
+    response_logprobs: tuple[float, ...]  # [R] log-prob of each sampled token under the sampling engine
+    finish_reason: str  # "stop" | "length"
+    weight_version: int  # version of the weights that produced it
+    sample_index: int  # 0..k-1 within its prompt's group
+
+
+@dataclass(frozen=True)
+class RevisionChain:
+    """SL-CAI: the initial response and each critique/revision round."""
+
+    prompt_id: str
+    prompt: str
+    initial_response: str
+    critiques: tuple[str, ...]  # one per round
+    revisions: tuple[str, ...]  # one per round
+    principle_ids: tuple[str, ...]  # one per round
+
+    @property
+    def final_response(self) -> str:
+        """The last revision (the SFT target)."""
+        return self.revisions[-1] if self.revisions else self.initial_response
+
+
+@dataclass(frozen=True)
+class ComparisonRequest:
+    """A pair of responses to one prompt, to be labelled against the constitution."""
+
+    pair_id: str
+    prompt: str
+    response_a: str
+    response_b: str
+
+
+@dataclass(frozen=True)
+class PreferenceLabel:
+    """An AI preference label: the probability that response A is better than B."""
+
+    pair_id: str
+    prob_a: float  # soft label in [0, 1]
+    principle_ids: tuple[str, ...]  # the principles averaged into this label
+    tiers: tuple[str, ...]
+    axes: tuple[str, ...]
+    mode: str  # "multiple_choice" | "cot" | "direct"
+    reasoning: str | None = None  # CoT text when mode == "cot"
+    error: str | None = None  # set when the pair could not be labelled (prob_a is then 0.5)
+
+
+@dataclass(frozen=True)
+class DirectScore:
+    """d-RLAIF: the expected 1-10 rating of one response, rescaled to [-1, 1]."""
+
+    item_id: str
+    score: float
+    principle_ids: tuple[str, ...]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainSequence:
+    """A prompt + response for the learner (SFT, PPO, GRPO/RLOO)."""
+
+    prompt_token_ids: tuple[int, ...]  # [P]
+    response_token_ids: tuple[int, ...]  # [R]; the loss covers only these
+    rollout_logprobs: tuple[float, ...] | None = None  # [R] behaviour log-probs from the sampler
+    reward: float | None = None  # sequence-level reward (PM score, label-derived, ...)
+    group_id: int = 0  # responses to the same prompt share a group (GRPO/RLOO)
+
+
+@dataclass(frozen=True)
+class TrainPair:
+    """Two responses to one prompt with a soft label (preference model, online DPO)."""
+
+    prompt_token_ids: tuple[int, ...]  # [P]
+    response_a_token_ids: tuple[int, ...]  # [Ra]
+    response_b_token_ids: tuple[int, ...]  # [Rb]
+    prob_a: float  # soft label in [0, 1]
