@@ -172,7 +172,7 @@ class LearnerConfig(_Strict):
     lr: float = Field(1e-5, gt=0, description="Policy learning rate.")
     pm_lr: float = Field(1e-5, gt=0, description="Preference-model learning rate.")
     critic_lr: float = Field(1e-5, gt=0, description="PPO critic learning rate.")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     num_pm_epochs: int = Field(1, ge=1, description="Passes over fresh + replayed labels per iteration.")
     num_policy_epochs: int = Field(1, ge=1, description="Passes over the iteration's rollouts.")
@@ -205,9 +205,9 @@ class SLConfig(_Strict):
 
     num_red_team_prompts: int = Field(32, ge=1, description="Red-team prompts to revise.")
     helpful_mix_ratio: float = Field(0.5, ge=0, le=1, description="Fraction of SFT rows that are helpfulness samples.")
-    num_epochs: int = Field(1, ge=1)
-    lr: float = Field(2e-5, gt=0)
-    micro_batch_size: int = Field(4, ge=1)
+    num_epochs: int = Field(1, ge=1, description="Passes over the SFT dataset.")
+    lr: float = Field(2e-5, gt=0, description="SFT learning rate.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per step.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers for the SFT job.")
     max_failures: int = Field(1, ge=0, description="Ray Train FailureConfig retries.")
 
@@ -216,8 +216,8 @@ class ScheduleConfig(_Strict):
     """How the RL loop is driven."""
 
     mode: Literal["sync", "async"] = Field("sync", description="async overlaps the next generation with training.")
-    num_iterations: int = Field(2, ge=1)
-    num_prompts_per_iteration: int = Field(8, ge=1)
+    num_iterations: int = Field(2, ge=1, description="RL-CAI iterations.")
+    num_prompts_per_iteration: int = Field(8, ge=1, description="Red-team prompts sampled per iteration.")
     max_staleness: int = Field(1, ge=0, description="async: drop samples more than this many versions old.")
     replay_window: int = Field(2, ge=1, description="Iterations of labels kept for preference-model updates.")
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint the whole loop every N iterations.")
@@ -228,7 +228,7 @@ class LoggingConfig(_Strict):
 
     output_dir: str = Field("runs/{name}", description="Run folder; {name} is the experiment name.")
     wandb_mode: Literal["offline", "online", "disabled"] = Field("offline", description="wandb mode.")
-    wandb_project: str = Field("cai-ray")
+    wandb_project: str = Field("cai-ray", description="wandb project name.")
     progress: bool = Field(True, description="Show progress bars for long phases.")
 
 
@@ -238,7 +238,9 @@ class ClusterConfig(_Strict):
     address: str | None = Field(None, description="Ray address; None joins RAY_ADDRESS or starts a local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="Local Ray only: logical CPUs to advertise.")
     object_store_memory_mb: int = Field(1024, gt=0, description="Local Ray only: object store size.")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement-group strategy for each role's bundles (SPREAD spans nodes)."
+    )
     remote_call_timeout_s: float = Field(600.0, gt=0, description="Deadline for any one remote call.")
     placement_timeout_s: float = Field(600.0, gt=0, description="How long to wait for a placement group.")
 

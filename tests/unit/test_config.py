@@ -1,0 +1,116 @@
+"""Config loading: unknown keys, wrong types and impossible combinations name the file and key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cai_ray.config import ConfigError, ExperimentConfig, dump_config, load_config, parse_override
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_validate() -> None:
+    cfg = load_config(None)
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.learner.zero_stage == 2
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    load_config(path)
+
+
+def test_shipped_configs_exist() -> None:
+    names = {p.name for p in CONFIGS}
+    assert {"quickstart-cpu.yaml", "smollm2-cpu.yaml"} <= names
+
+
+def test_unknown_key_names_file_and_path(tmp_path: Path) -> None:
+    path = write(tmp_path, "learner:\n  zero_stag: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "learner.zero_stag" in msg
+    assert "did you mean 'zero_stage'" in msg
+
+
+def test_unknown_top_level_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"learnr: unknown key \(did you mean 'learner'\?\)"):
+        load_config(write(tmp_path, "learnr: {}\n"))
+
+
+def test_wrong_type_names_path_and_value(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "rollout:\n  num_samples_per_prompt: many\n"))
+    assert "rollout.num_samples_per_prompt" in str(err.value)
+    assert "'many'" in str(err.value)
+
+
+def test_nested_unknown_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"rollout\.engine\.kv_cache_mb: unknown key"):
+        load_config(write(tmp_path, "rollout:\n  engine:\n    kv_cache_mb: 4\n"))
+
+
+def test_overrides_apply_and_parse_yaml_values() -> None:
+    cfg = load_config(None, ["learner.zero_stage=3", "feedback.cot_clamp=[0.3, 0.7]", "models.policy.name=x"])
+    assert cfg.learner.zero_stage == 3
+    assert cfg.feedback.cot_clamp == (0.3, 0.7)
+    assert cfg.models.policy.name == "x"
+
+
+def test_override_errors_name_the_override() -> None:
+    with pytest.raises(ConfigError, match=r"--set learner.zero_stage=7.*learner\.zero_stage"):
+        load_config(None, ["learner.zero_stage=7"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_override("learner.zero_stage")
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(None, ["seed=1", "seed.x=1"])
+
+
+def test_cross_field_errors_name_the_keys() -> None:
+    with pytest.raises(ConfigError, match="data.max_prompt_tokens .* exceeds models.policy.max_model_len"):
+        load_config(None, ["models.policy.max_model_len=100", "data.max_prompt_tokens=90"])
+    with pytest.raises(ConfigError, match="cot_clamp"):
+        load_config(None, ["feedback.cot_clamp=[0.6, 0.4]"])
+    with pytest.raises(ConfigError, match="sync.transport 'nccl' needs GPUs"):
+        load_config(None, ["sync.transport=nccl"])
+
+
+def test_not_a_mapping_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "learner: [\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_dump_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, ["learner.zero_stage=3"])
+    again = load_config(write(tmp_path, dump_config(cfg)))
+    assert again == cfg
+
+
+def test_every_field_has_a_description() -> None:
+    missing = []
+
+    def walk(model: type, prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            sub = next((a for a in (ann, *getattr(ann, "__args__", ())) if hasattr(a, "model_fields")), None)
+            if sub is not None:
+                walk(sub, f"{prefix}{name}.")
+            elif not field.description:
+                missing.append(prefix + name)
+
+    walk(ExperimentConfig, "")
+    assert not missing, f"fields without a description: {missing}"

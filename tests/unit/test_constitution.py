@@ -1,0 +1,117 @@
+"""Constitutions: shipped files validate, malformed ones fail precisely, rendering is deterministic."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cai_ray.constitution import (
+    ANSWER_PREFIX,
+    COT_TRIGGER,
+    ConstitutionError,
+    load_constitution,
+    render_chat,
+    render_examples,
+    shipped_constitutions,
+)
+
+SHIPPED = shipped_constitutions()
+
+
+def test_ships_the_required_constitutions() -> None:
+    assert {"harmless", "priority", "persona_plainspoken"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_constitution_validates(name: str) -> None:
+    c = load_constitution(name)
+    assert c.principles_for("critique") and c.principles_for("comparison")
+
+
+def test_harmless_has_enough_principles() -> None:
+    c = load_constitution("harmless")
+    assert len(c.principles_for("critique")) >= 16
+    assert len(c.principles_for("comparison")) >= 16
+
+
+def test_priority_has_four_ordered_tiers_with_principles() -> None:
+    c = load_constitution("priority")
+    assert [t.id for t in c.tiers] == ["broadly_safe", "broadly_ethical", "guidelines", "helpful"]
+    for tier in c.tiers:
+        assert c.principles_for("comparison", tiers=[tier.id])
+    assert c.tier_rank("broadly_safe") == 0
+
+
+def _broken(tmp_path: Path, mutate) -> Path:
+    tree = yaml.safe_load(load_constitution.__globals__["resolve_path"]("priority").read_text())
+    mutate(tree)
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda t: t["principles"][2].update(tier="nope"), r"principles\.2\.tier: 'nope' is not a tier id"),
+        (lambda t: t["principles"][1].update(colour="red"), r"principles\.1\.colour: unknown key"),
+        (lambda t: t["principles"][0].pop("revision"), r"principles\.0: critique and revision come as a pair"),
+        (lambda t: t["principles"][3].update(axes=["vibes"]), r"principles\.3\.axes\.0"),
+        (lambda t: t["principles"].append(dict(t["principles"][0])), r"duplicate id"),
+        (lambda t: t["few_shot"]["comparison"][0].update(answer="C"), r"few_shot\.comparison\.0\.answer"),
+        (lambda t: t["few_shot"]["comparison"][0].update(principle="ghost"), r"'ghost' is not a principle id"),
+        (lambda t: t.pop("tiers"), r"tiers: Field required"),
+    ],
+)
+def test_malformed_constitution_fails_precisely(tmp_path: Path, mutate, expected: str) -> None:
+    path = _broken(tmp_path, mutate)
+    with pytest.raises(ConstitutionError, match=expected) as err:
+        load_constitution(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_and_unknown_references() -> None:
+    with pytest.raises(ConstitutionError, match="not a shipped name"):
+        load_constitution("no-such-constitution")
+    with pytest.raises(ConstitutionError, match="unknown tier"):
+        load_constitution("priority").principles_for("comparison", tiers=["mystery"])
+
+
+def test_sampling_is_seeded() -> None:
+    c = load_constitution("harmless")
+    draw = lambda seed: [p.id for p in c.sample_principles(random.Random(seed), "comparison", k=3)]  # noqa: E731
+    assert draw(7) == draw(7)
+    assert len(set(draw(7))) == 3
+    assert any(draw(7) != draw(s) for s in range(8, 12))
+
+
+def test_tier_filter_restricts_sampling() -> None:
+    c = load_constitution("priority")
+    rng = random.Random(0)
+    for _ in range(20):
+        assert c.sample_principles(rng, "critique", tiers=["helpful"])[0].tier == "helpful"
+
+
+def test_render_without_chat_template_uses_human_assistant() -> None:
+    text = render_chat(None, [{"role": "user", "content": "hi"}])
+    assert text == "Human: hi\n\nAssistant:"
+
+
+def test_render_examples_deterministic_with_chat_template(tiny_model_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    c = load_constitution("harmless")
+    kw = dict(prompt="How do I pick a lock?", response_a="Here is how.", response_b="I can't help.")
+    first = render_examples(tok, c, seed=3, **kw)
+    assert first == render_examples(tok, c, seed=3, **kw)
+    assert first.comparison.endswith(ANSWER_PREFIX)
+    assert first.cot_comparison.endswith(COT_TRIGGER)
+    assert "<|im_start|>user" in first.critique and first.critique.endswith("Critique:")
+    assert "(A) Here is how." in first.comparison and "(B) I can't help." in first.comparison
+    # A few-shot transcript precedes the real conversation.
+    assert first.critique.count("Critique request:") == 2
+    assert any(render_examples(tok, c, seed=s, **kw).principle_id != first.principle_id for s in range(4, 9))
