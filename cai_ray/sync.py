@@ -1,0 +1,267 @@
+"""Weight sync: learner rank 0 streams HF-named tensors, bucket by bucket, into every vLLM engine.
+
+One small interface, one class per transport:
+- ``gloo``: a stateless process group (TCPStore + PrefixStore + ProcessGroupGloo) of learner rank 0 and
+  every engine, separate from DeepSpeed's and vLLM's own groups. The CPU default; mirrors NCCL's topology.
+- ``nccl``: the same stateless group with ProcessGroupNCCL and CUDA buffers (the GPU default).
+- ``object_store``: each bucket is one flat uint8 numpy array in Ray's object store (zero-copy reads; never
+  pickled torch tensors, which are ~5x slower).
+
+Buckets are flat byte buffers: any dtype (bf16 included) is viewed as uint8, so one broadcast moves a bucket.
+Layouts travel through the group's TCPStore (or with the object refs), not through the controller.
+Receivers collect every bucket before loading anything: a sync that fails part-way leaves the engine on
+its previous, complete version (the controller then marks it stale), never half-loaded.
+Every wait carries ``timeout_s``: a dead peer is an error, never a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+NamedTensors = list[tuple[str, torch.Tensor]]
+_END = "end"  # layout value that marks the last bucket
+_ALIGN = 16  # bytes; every tensor starts at a multiple of this inside a bucket
+_ABORT = "abort"  # layout value a failing sender leaves so receivers stop waiting
+
+
+class SyncError(RuntimeError):
+    """A weight sync failed; the message names the engine / rank and the phase."""
+
+
+# --------------------------------------------------------------------------------- bucket layout
+@dataclass(frozen=True)
+class TensorMeta:
+    """Where one tensor lives inside a flat bucket."""
+
+    name: str
+    dtype: str  # e.g. "float32", "bfloat16"
+    shape: tuple[int, ...]
+    offset: int  # bytes from the start of the bucket
+    nbytes: int
+
+
+def pack_bucket(tensors: NamedTensors) -> tuple[torch.Tensor, list[TensorMeta]]:
+    """Concatenate tensors into one flat uint8 buffer (on their device) and describe the layout."""
+    metas: list[TensorMeta] = []
+    parts: list[torch.Tensor] = []
+    offset = 0
+    for name, t in tensors:
+        flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        pad = -offset % _ALIGN  # typed views need offsets divisible by the element size
+        if pad:
+            parts.append(torch.zeros(pad, dtype=torch.uint8, device=flat.device))
+            offset += pad
+        metas.append(TensorMeta(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, flat.numel()))
+        parts.append(flat)
+        offset += flat.numel()
+    buffer = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+    return buffer, metas
+
+
+def unpack_bucket(buffer: torch.Tensor, metas: list[TensorMeta]) -> NamedTensors:
+    """Views into ``buffer`` with each tensor's dtype and shape (no copies)."""
+    out: NamedTensors = []
+    for m in metas:
+        raw = buffer[m.offset : m.offset + m.nbytes]
+        out.append((m.name, raw.view(getattr(torch, m.dtype)).reshape(m.shape)))
+    return out
+
+
+def rebucket(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[NamedTensors]:
+    """Group a stream of named tensors into buckets of at most ``bucket_bytes`` (a larger tensor goes alone)."""
+    bucket: NamedTensors = []
+    size = 0
+    for name, t in tensors:
+        n = t.numel() * t.element_size()
+        if bucket and size + n > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += n
+    if bucket:
+        yield bucket
+
+
+def _metas_to_json(metas: list[TensorMeta]) -> str:
+    return json.dumps([[m.name, m.dtype, list(m.shape), m.offset, m.nbytes] for m in metas])
+
+
+def _metas_from_json(text: str | bytes) -> list[TensorMeta]:
+    return [TensorMeta(n, d, tuple(s), o, b) for n, d, s, o, b in json.loads(text)]
+
+
+# ------------------------------------------------------------------------------------- timings
+@dataclass
+class SyncTimings:
+    """Seconds spent per phase on one side of a sync, and bytes moved."""
+
+    gather_s: float = 0.0  # sender: ZeRO-3 gather / export
+    transfer_s: float = 0.0  # moving bytes
+    load_s: float = 0.0  # receiver: reload_weights + reset_prefix_cache
+    num_bytes: int = 0
+    num_buckets: int = 0
+
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        """Namespaced metrics, e.g. ``sync/transfer_s``."""
+        return {f"{prefix}/{k}": float(v) for k, v in self.__dict__.items()}
+
+
+# ------------------------------------------------------------------------------ stateless groups
+@dataclass(frozen=True)
+class GroupSpec:
+    """How to join one sync's stateless group. Rank 0 is the sender (learner rank 0)."""
+
+    transport: str  # "gloo" | "nccl"
+    host: str
+    port: int
+    world_size: int  # 1 + number of engines
+    version: int  # weight version being synced; also the store prefix
+    timeout_s: float
+
+
+def open_store(host: str, world_size: int, timeout_s: float) -> torch.distributed.TCPStore:
+    """Rank 0 hosts the rendezvous store on a free port (``store.port``)."""
+    return torch.distributed.TCPStore(host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
+                                      wait_for_workers=False)
+
+
+class StatelessGroupTransport:
+    """Broadcast buckets over a process group independent of the default one (gloo or NCCL)."""
+
+    def __init__(self, spec: GroupSpec, rank: int, store: torch.distributed.TCPStore | None = None) -> None:
+        timeout = timedelta(seconds=spec.timeout_s)
+        if store is None:
+            store = torch.distributed.TCPStore(spec.host, spec.port, spec.world_size, is_master=False,
+                                               timeout=timeout)
+        self.spec, self.rank = spec, rank
+        self.store = torch.distributed.PrefixStore(f"cai-ray-sync/v{spec.version}", store)
+        if spec.transport == "nccl":
+            from torch.distributed import ProcessGroupNCCL
+
+            opts = ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self.group = ProcessGroupNCCL(self.store, rank, spec.world_size, opts)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            from torch.distributed import ProcessGroupGloo
+
+            self.group = ProcessGroupGloo(self.store, rank, spec.world_size, timeout)
+            self.device = torch.device("cpu")
+
+    def _broadcast(self, buffer: torch.Tensor) -> None:
+        opts = torch.distributed.BroadcastOptions()
+        opts.rootRank = 0
+        opts.timeout = timedelta(seconds=self.spec.timeout_s)
+        self.group.broadcast([buffer], opts).wait(timedelta(seconds=self.spec.timeout_s))
+
+    def send(self, buckets: Iterable[NamedTensors]) -> SyncTimings:
+        """Rank 0: publish each bucket's layout in the store, then broadcast its bytes."""
+        timings = SyncTimings()
+        try:
+            self._send(buckets, timings)
+        except Exception:
+            # Tell receivers still waiting for a layout to give up now rather than at their timeout.
+            self.store.set(f"bucket/{timings.num_buckets}", _ABORT)
+            raise
+        return timings
+
+    def _send(self, buckets: Iterable[NamedTensors], timings: SyncTimings) -> None:
+        it = iter(buckets)
+        while True:
+            t0 = time.perf_counter()
+            bucket = next(it, None)
+            timings.gather_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            if bucket is None:
+                self.store.set(f"bucket/{timings.num_buckets}", _END)
+                self.group.barrier().wait(timedelta(seconds=self.spec.timeout_s))
+                timings.transfer_s += time.perf_counter() - t1
+                return
+            buffer, metas = pack_bucket(bucket)
+            self.store.set(f"bucket/{timings.num_buckets}", _metas_to_json(metas))
+            self._broadcast(buffer.to(self.device))
+            timings.transfer_s += time.perf_counter() - t1
+            timings.num_bytes += buffer.numel()
+            timings.num_buckets += 1
+
+    def receive(self) -> tuple[NamedTensors, SyncTimings]:
+        """Engine ranks: receive every bucket (CPU tensors); nothing is loaded here."""
+        timings = SyncTimings()
+        received: NamedTensors = []
+        t0 = time.perf_counter()
+        index = 0
+        while True:
+            layout = self.store.get(f"bucket/{index}")  # blocks until the sender publishes it (store timeout)
+            if layout == _END.encode():
+                break
+            if layout == _ABORT.encode():
+                raise SyncError(f"sync v{self.spec.version}: the sender aborted after {index} buckets")
+            metas = _metas_from_json(layout)
+            nbytes = metas[-1].offset + metas[-1].nbytes if metas else 0
+            buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            self._broadcast(buffer)
+            received += unpack_bucket(buffer.cpu() if buffer.is_cuda else buffer, metas)
+            timings.num_bytes += nbytes
+            index += 1
+        self.group.barrier().wait(timedelta(seconds=self.spec.timeout_s))
+        timings.transfer_s = time.perf_counter() - t0
+        timings.num_buckets = index
+        return received, timings
+
+
+# ---------------------------------------------------------------------------------- object store
+@dataclass(frozen=True)
+class ObjectStoreBucket:
+    """One bucket in Ray's object store: a ref to a flat uint8 numpy array and its layout."""
+
+    ref: Any  # ray.ObjectRef
+    metas: tuple[TensorMeta, ...] = field(default_factory=tuple)
+
+
+def object_store_send(buckets: Iterable[NamedTensors]) -> tuple[list[ObjectStoreBucket], SyncTimings]:
+    """Sender: put each bucket as one numpy byte array (zero-copy on the reader's side)."""
+    import ray
+
+    timings = SyncTimings()
+    out: list[ObjectStoreBucket] = []
+    it = iter(buckets)
+    while True:
+        t0 = time.perf_counter()
+        bucket = next(it, None)
+        timings.gather_s += time.perf_counter() - t0
+        if bucket is None:
+            return out, timings
+        t1 = time.perf_counter()
+        buffer, metas = pack_bucket([(n, t.cpu()) for n, t in bucket])
+        out.append(ObjectStoreBucket(ray.put(buffer.numpy()), tuple(metas)))
+        timings.transfer_s += time.perf_counter() - t1
+        timings.num_bytes += buffer.numel()
+        timings.num_buckets += 1
+
+
+def object_store_receive(buckets: list[ObjectStoreBucket], timeout_s: float) -> tuple[NamedTensors, SyncTimings]:
+    """Receiver: fetch every bucket and view it as tensors."""
+    import ray
+
+    timings = SyncTimings()
+    t0 = time.perf_counter()
+    arrays = ray.get([b.ref for b in buckets], timeout=timeout_s)
+    received: NamedTensors = []
+    for array, bucket in zip(arrays, buckets, strict=True):
+        # Zero-copy view of read-only shared memory; loading only reads it, so silence torch's warning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.from_numpy(array)
+        received += unpack_bucket(flat, list(bucket.metas))
+        timings.num_bytes += array.nbytes
+    timings.transfer_s = time.perf_counter() - t0
+    timings.num_buckets = len(buckets)
+    return received, timings
