@@ -45,6 +45,13 @@ def _models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_stages(args: argparse.Namespace, *, sl: bool, rl: bool) -> int:
+    from cai_ray.pipelines.run import run_experiment
+
+    run_experiment(load_config(args.config, args.set), sl=sl, rl=rl, resume=args.resume)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from cai_ray.demo import run_demo
 
@@ -76,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep = mod.add_parser("prepare", help="generate/convert built-in models into the cache")
     prep.add_argument("names", nargs="+", help="tiny-random-llama, smollm2-135m-instruct, a folder or hub id")
     prep.set_defaults(func=_models_prepare)
+
+    for name, helptext, stages in (("sl", "SL-CAI: critique -> revision -> SFT", (True, False)),
+                                   ("rl", "iterated online RL-CAI", (False, True)),
+                                   ("run", "SL-CAI, then RL-CAI from the SL policy", (True, True))):
+        p = sub.add_parser(name, help=helptext)
+        with_config(p)
+        p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+        p.set_defaults(func=lambda a, st=stages: _run_stages(a, sl=st[0], rl=st[1]))
 
     demo = sub.add_parser("demo", help="run the embedded default end to end")
     with_config(demo, required=False)

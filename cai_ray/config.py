@@ -126,6 +126,7 @@ class RolloutConfig(_Strict):
     max_new_tokens: int = Field(32, gt=0, description="Longest response in tokens.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_restarts: int = Field(3, ge=0, description="Times Ray restarts a dead rollout actor (its batch is retried once).")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
@@ -147,6 +148,9 @@ class FeedbackConfig(_Strict):
     cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="CoT label probabilities are clamped to this band.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature for critiques, revisions and CoT.")
     max_retries: int = Field(1, ge=0, description="Times an item is retried after its worker dies.")
+    max_restarts: int = Field(
+        3, ge=0, description="Times Ray restarts a dead feedback actor before the pool stops using it."
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
@@ -184,6 +188,16 @@ class LearnerConfig(_Strict):
     gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     dpo_beta: float = Field(0.1, gt=0, description="DPO inverse temperature.")
     collective_timeout_s: float = Field(300.0, gt=0, description="torch.distributed timeout for the group.")
+    zero3_param_persistence_threshold: int = Field(
+        100_000, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every rank (0: shard all)."
+    )
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="Upper PPO ratio clip ('clip-higher'); None uses clip_eps."
+    )
+    dpo_label_smoothing: float = Field(0.0, ge=0, le=0.5, description="Conservative DPO: mix targets toward 0.5.")
+    grpo_scale_rewards: bool = Field(
+        True, description="GRPO: divide by the group std; False is Dr. GRPO (mean-centering only)."
+    )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
 
@@ -217,7 +231,10 @@ class ScheduleConfig(_Strict):
 
     mode: Literal["sync", "async"] = Field("sync", description="async overlaps the next generation with training.")
     num_iterations: int = Field(2, ge=1, description="RL-CAI iterations.")
-    num_prompts_per_iteration: int = Field(8, ge=1, description="Red-team prompts sampled per iteration.")
+    num_prompts_per_iteration: int = Field(8, ge=1, description="Prompts sampled per iteration.")
+    helpful_fraction: float = Field(
+        0.5, ge=0, le=1, description="Fraction of each iteration's prompts from the helpfulness set (rest red-team)."
+    )
     max_staleness: int = Field(1, ge=0, description="async: drop samples more than this many versions old.")
     replay_window: int = Field(2, ge=1, description="Iterations of labels kept for preference-model updates.")
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint the whole loop every N iterations.")

@@ -9,6 +9,7 @@ actor becomes :class:`RemoteCallError` naming it, never a hang.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -24,6 +25,10 @@ T = TypeVar("T")
 
 class RemoteCallError(RuntimeError):
     """A remote call failed or missed its deadline; the message names the actor and the call."""
+
+    def __init__(self, message: str, failed: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.failed = list(failed)  # names of the actors that failed (from get_all)
 
 
 def init_ray(cluster: ClusterConfig) -> None:
@@ -104,13 +109,33 @@ def get_all(refs: Sequence[Any], *, timeout_s: float, names: Sequence[str]) -> l
     results: list[Any] = [None] * len(refs)
     pending = {ref: i for i, ref in enumerate(refs)}
     ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    failed = [pending[r] for r in not_ready]
     errors = [f"{names[pending[r]]}: no answer within {timeout_s:.0f}s" for r in not_ready]
     for ref in ready:
         i = pending[ref]
         try:
             results[i] = ray.get(ref, timeout=0)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+            failed.append(i)
             errors.append(f"{names[i]}: {type(err).__name__}: {str(err).splitlines()[0]}")
     if errors:
-        raise RemoteCallError("; ".join(errors))
+        raise RemoteCallError("; ".join(errors), failed=[names[i] for i in sorted(failed)])
     return results
+
+
+def wait_restarted(actor: Any, *, timeout_s: float, what: str) -> None:
+    """Wait until Ray has restarted ``actor`` (calls to a restarting actor fail at once, so poll)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            return
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        except ray.exceptions.GetTimeoutError:
+            break
+        except ray.exceptions.RayActorError as err:
+            raise RemoteCallError(f"{what}: did not come back ({type(err).__name__}); no restarts left?") from err
+    raise RemoteCallError(f"{what}: not restarted within {timeout_s:.0f}s")

@@ -265,3 +265,82 @@ def object_store_receive(buckets: list[ObjectStoreBucket], timeout_s: float) -> 
     timings.transfer_s = time.perf_counter() - t0
     timings.num_buckets = len(buckets)
     return received, timings
+
+
+# ------------------------------------------------------------------------------- controller side
+def receive_into(engine: Any, spec: GroupSpec, rank: int) -> SyncTimings:
+    """Engine actor side of a group sync: receive every bucket, then load them all at once."""
+    named, timings = StatelessGroupTransport(spec, rank).receive()
+    t0 = time.perf_counter()
+    engine.load_weights(named, spec.version)
+    timings.load_s = time.perf_counter() - t0
+    return timings
+
+
+def receive_from_object_store(engine: Any, buckets: list[ObjectStoreBucket], version: int,
+                              timeout_s: float) -> SyncTimings:
+    """Engine actor side of an object-store sync."""
+    named, timings = object_store_receive(buckets, timeout_s)
+    t0 = time.perf_counter()
+    engine.load_weights(named, version)
+    timings.load_s = time.perf_counter() - t0
+    return timings
+
+
+class WeightSync:
+    """Pushes the learner's policy into named engine actors with the configured transport.
+
+    Learner ranks expose ``open_sync_store``, ``send_weights(spec, bucket_bytes)`` and
+    ``put_weights(bucket_bytes)``; engines expose ``receive_weights(spec, rank)``,
+    ``receive_weights_object_store(buckets, version)`` and ``weight_version()``.
+    """
+
+    def __init__(self, cfg: Any, learner: Any, targets: list[tuple[str, Any]]) -> None:
+        from cai_ray.backend import detect
+
+        self.cfg = cfg
+        self.learner = learner
+        self.targets = dict(targets)
+        self.transport = detect().resolve_transport(cfg.transport)
+        self.bucket_bytes = cfg.bucket_size_mb << 20
+        self.stale: set[str] = set()  # engines whose last sync failed (they still hold a complete older version)
+
+    def push(self, version: int, only: list[str] | None = None) -> dict[str, float]:
+        """Sync ``version`` into every target (or ``only`` these); raises :class:`SyncError` naming engines."""
+        from cai_ray import launcher
+
+        names = only or list(self.targets)
+        engines = [self.targets[n] for n in names]
+        ranks = self.learner.actors
+        t0 = time.perf_counter()
+        try:
+            if self.transport == "object_store":
+                refs = [r.put_weights.remote(self.bucket_bytes) for r in ranks]
+                sent = launcher.get_all(refs, timeout_s=self.cfg.timeout_s,
+                                        names=[f"learner rank {i}: put_weights" for i in range(len(ranks))])
+                buckets, sender = sent[0]
+                got = launcher.get_all([e.receive_weights_object_store.remote(buckets, version, self.cfg.timeout_s)
+                                        for e in engines],
+                                       timeout_s=self.cfg.timeout_s, names=[f"{n}: receive_weights" for n in names])
+            else:
+                host, port = launcher.get(ranks[0].open_sync_store.remote(len(engines) + 1, self.cfg.timeout_s),
+                                          timeout_s=self.cfg.timeout_s, what="learner rank 0: open_sync_store")
+                spec = GroupSpec(self.transport, host, port, len(engines) + 1, version, self.cfg.timeout_s)
+                send = [r.send_weights.remote(spec, self.bucket_bytes) for r in ranks]
+                recv = [e.receive_weights.remote(spec, i + 1) for i, e in enumerate(engines)]
+                results = launcher.get_all(send + recv, timeout_s=self.cfg.timeout_s + 30,
+                                           names=[f"learner rank {i}: send_weights" for i in range(len(ranks))]
+                                           + [f"{n}: receive_weights" for n in names])
+                sender, got = results[0], results[len(ranks):]
+        except launcher.RemoteCallError as err:
+            # Names in err.failed are "<engine>: <call>"; a sender failure leaves every engine stale.
+            failed = [n for n in names if any(f.startswith(f"{n}:") for f in err.failed)] or names
+            self.stale.update(failed)
+            raise SyncError(f"weight sync to version {version} failed ({self.transport}): {err}. Engines "
+                            f"{failed} keep their previous complete weights and are marked stale") from err
+        self.stale.difference_update(names)
+        load = max((t.load_s for t in got), default=0.0)
+        metrics = sender.as_metrics("sync") | {"sync/load_s": load, "sync/total_s": time.perf_counter() - t0,
+                                               "sync/num_engines": float(len(engines))}
+        metrics["sync/bandwidth_mb_s"] = sender.num_bytes / max(sender.transfer_s, 1e-9) / 1e6
+        return metrics

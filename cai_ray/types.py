@@ -101,3 +101,36 @@ class TrainPair:
     response_a_token_ids: tuple[int, ...]  # [Ra]
     response_b_token_ids: tuple[int, ...]  # [Rb]
     prob_a: float  # soft label in [0, 1]
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One response to rate on its own (d-RLAIF direct score)."""
+
+    item_id: str
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class RejectedItem:
+    """An input a role could not process; ``reason`` says why and what to change."""
+
+    item_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """RolloutWorker output: k samples per accepted prompt, and the prompts it rejected."""
+
+    samples: tuple[Sample, ...]  # grouped by prompt, sample_index 0..k-1 within each
+    rejected: tuple[RejectedItem, ...] = ()
+
+
+@dataclass(frozen=True)
+class RevisionBatch:
+    """SL-CAI output: one chain per accepted prompt (input order), and the prompts that failed."""
+
+    chains: tuple[RevisionChain, ...]
+    rejected: tuple[RejectedItem, ...] = ()

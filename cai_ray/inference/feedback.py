@@ -1,0 +1,723 @@
+"""Constitutional feedback: FeedbackWorker (one engine) and FeedbackPool (N worker actors).
+
+The worker serves the four kinds of AI feedback of Bai et al. 2022 (arXiv 2212.08073) and d-RLAIF:
+
+1. SL-CAI chains: an initial response, then ``num_revision_rounds`` rounds of critique -> revision, one
+   principle sampled per round, few-shot examples in front.
+2. Multiple-choice labels: the "(A)/(B)" question; the soft label is the renormalised probability of
+   the option tokens after "The answer is: (". Principles are sampled per pair (an ensemble of k is
+   averaged) and, with swap-debiasing, the pair is also shown as (B, A) and both orders averaged.
+3. Chain-of-thought labels: generate the reasoning, append the answer prefix, score the options as in
+   (2), then clamp into ``cot_clamp`` (the paper's [0.4, 0.6]: CoT answers are over-confident).
+4. Direct scores: the expected value of a 1-10 rating from the ratings' probabilities, rescaled to
+   [-1, 1]. Ratings are scored as full strings "1)" ... "10)" (the ")" makes "1" and "10" exclusive
+   events, and "10" is more than one token in most tokenizers). Pair labels in ``direct`` mode are
+   ``0.5 + (score_a - score_b) / 4``.
+
+Speed: every option of every pair, order and principle is scored in one batched engine call, each
+prompt order with one forward of its uncached tail (the shared few-shot prefix comes from vLLM's prefix
+cache; see :mod:`cai_ray.inference.engine`). Principles and sampling seeds come from a stable hash of
+(seed, item id), so the same seed gives the same labels on any worker, including after a retry.
+
+Bad input never fails a batch: an empty or over-long prompt, identical responses or a prompt that does
+not fit the context come back as an item error (labels 0.5 with ``error`` set; rejected chains); if the
+engine still fails on a batch, the items are redone one by one to isolate the bad one. A tokenizer
+without single tokens for "A"/"B" falls back to scoring the option strings "A)" / "B)".
+
+The pool is a driver-side dispatcher: batches go to the least-loaded live worker, at most
+``max_in_flight_per_worker`` per worker (backpressure), every wait has a deadline, and the batches of a
+worker that died (Ray restarts it) are retried ``max_retries`` times elsewhere. Results are keyed by
+batch, so no item is lost or returned twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from cai_ray.config import ClusterConfig, ConstitutionConfig, DataConfig, FeedbackConfig, ModelConfig
+from cai_ray.constitution import (
+    ANSWER_PREFIX,
+    Constitution,
+    Principle,
+    comparison_prompt,
+    cot_comparison_prompt,
+    critique_prompt,
+    load_constitution,
+    render_chat,
+    revision_prompt,
+)
+from cai_ray.inference.engine import Engine, PromptRejected, fit_prompt, stable_seed
+from cai_ray.sync import (
+    GroupSpec,
+    ObjectStoreBucket,
+    SyncTimings,
+    object_store_send,
+    receive_from_object_store,
+    receive_into,
+    rebucket,
+)
+from cai_ray.inference.labels import RATINGS, clamp, expected_rating_score, mean, option_probability, preference_label
+from cai_ray.types import (
+    ComparisonRequest,
+    DirectScore,
+    PreferenceLabel,
+    Prompt,
+    RejectedItem,
+    RevisionBatch,
+    RevisionChain,
+    ScoreRequest,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+RATING_PREFIX = "The rating is: ("
+# Without a chat template the model would go on to write the next human turn.
+_STOP = ("\n\nHuman:",)
+_PROBE_INTERVAL_S = 0.5  # how often a restarting worker is asked whether it is back
+
+
+def rating_prompt(tokenizer: Any | None, principle: Principle, *, prompt: str, response: str) -> str:
+    """The d-RLAIF prompt: rate one response 1-10 against the principle's question; ends with :data:`RATING_PREFIX`."""
+    question = (
+        "Consider the following conversation between a human and an assistant:\n"
+        f"Human: {prompt}\nAssistant: {response}\n\n"
+        f"Judge the assistant's response by this question: {principle.comparison}\n"
+        "Rate the response on a scale from 1 (worst) to 10 (best)."
+    )
+    return render_chat(tokenizer, [{"role": "user", "content": question}]) + RATING_PREFIX
+
+
+def option_continuations(encode: Callable[[str], list[int]]) -> tuple[list[int], list[int]]:
+    """Token ids scored for options A and B: the single letter tokens, or the strings "A)" / "B)".
+
+    A tokenizer without a single token for each letter cannot give "the next token's" probability, so
+    the whole option string is scored instead (exact probability of that token sequence).
+    """
+    a, b = encode("A"), encode("B")
+    if len(a) == 1 and len(b) == 1:
+        return a, b
+    log.warning("the feedback tokenizer has no single token for 'A'/'B' (%s, %s): scoring 'A)' and 'B)' instead",
+                a, b)
+    return encode("A)"), encode("B)")
+
+
+def _axes(principles: Sequence[Principle]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(axis for p in principles for axis in p.axes))
+
+
+def _isolated(run: Callable[[list[T]], list[R]], items: list[T]) -> list[R | Exception]:
+    """``run(items)``; if the whole batch fails, run each item alone so one bad item fails only itself."""
+    if not items:
+        return []
+    try:
+        return list(run(items))
+    except Exception as err:  # noqa: BLE001 - any engine failure: find the item that caused it
+        if len(items) == 1:
+            return [err]
+    results: list[R | Exception] = []
+    for item in items:
+        try:
+            results.append(run([item])[0])
+        except Exception as err:  # noqa: BLE001
+            results.append(err)
+    return results
+
+
+def _error_text(err: Exception) -> str:
+    return str(err) if isinstance(err, PromptRejected) else f"engine failed: {type(err).__name__}: {err}"
+
+
+@dataclass
+class _Draft:
+    """A revision chain being built (internal, mutable)."""
+
+    prompt: Prompt
+    user: str  # the user prompt after the length policy
+    initial: str = ""
+    principles: list[Principle] = field(default_factory=list)
+    critiques: list[str] = field(default_factory=list)
+    revisions: list[str] = field(default_factory=list)
+
+    @property
+    def current(self) -> str:
+        """The response the next critique looks at."""
+        return self.revisions[-1] if self.revisions else self.initial
+
+
+class FeedbackWorker:
+    """One feedback-model engine. A plain class; :func:`start_feedback_pool` makes N of them Ray actors."""
+
+    def __init__(self, model: ModelConfig, feedback: FeedbackConfig, constitution: ConstitutionConfig,
+                 data: DataConfig, *, seed: int = 0) -> None:
+        self._engine = Engine(model, feedback.engine, seed=seed)
+        self._cfg = feedback
+        self._constitution: Constitution = load_constitution(constitution.path)
+        self._tiers = constitution.tiers
+        self._num_few_shot = constitution.num_few_shot
+        self._max_prompt_tokens = data.max_prompt_tokens
+        self._overlong = data.overlong_prompt
+        self._seed = seed
+        self._options = option_continuations(self._engine.encode)
+        self._ratings = [self._engine.encode(f"{r})") for r in RATINGS]
+
+    # ------------------------------------------------------------------------------------ verbs
+    def critique_and_revise(self, prompts: Sequence[Prompt]) -> RevisionBatch:
+        """SL-CAI: initial response, then per round a sampled principle, a critique and a revision.
+
+        Each step is one batched generation over all prompts still alive; a prompt that fails a step is
+        rejected with its reason and the others go on.
+        """
+        cfg, tok, kw = self._cfg, self._engine.tokenizer, {"num_few_shot": self._num_few_shot}
+        rejected: list[RejectedItem] = []
+        drafts: list[_Draft] = []
+        for p in prompts:
+            try:
+                drafts.append(_Draft(p, self._user_text(p.id, p.text)))
+            except PromptRejected as err:
+                rejected.append(RejectedItem(p.id, str(err)))
+
+        def run(kind: str, round_: int, texts: list[str]) -> list[tuple[_Draft, str]]:
+            outs = self._generate_texts([(d.prompt.id, t) for d, t in zip(drafts, texts)],
+                                        [stable_seed(self._seed, kind, d.prompt.id, round_) for d in drafts],
+                                        cfg.critique_max_new_tokens)
+            for d, out in zip(drafts, outs):
+                if isinstance(out, Exception):
+                    rejected.append(RejectedItem(d.prompt.id, f"{kind} round {round_}: {_error_text(out)}"))
+            done = [(d, out) for d, out in zip(drafts, outs) if not isinstance(out, Exception)]
+            drafts[:] = [d for d, _ in done]
+            return done  # type: ignore[return-value]
+
+        for d, text in run("initial", 0, [render_chat(tok, [{"role": "user", "content": d.user}]) for d in drafts]):
+            d.initial = text
+        for round_ in range(cfg.num_revision_rounds):
+            for d in drafts:
+                d.principles.append(self._principles("critique", d.prompt.id, round_, 1)[0])
+            texts = [critique_prompt(tok, self._constitution, d.principles[-1], prompt=d.user, response=d.current,
+                                     **kw) for d in drafts]
+            for d, text in run("critique", round_, texts):
+                d.critiques.append(text)
+            texts = [revision_prompt(tok, self._constitution, d.principles[-1], prompt=d.user, response=d.current,
+                                     critique=d.critiques[-1], **kw) for d in drafts]
+            for d, text in run("revision", round_, texts):
+                d.revisions.append(text)
+        chains = tuple(
+            RevisionChain(prompt_id=d.prompt.id, prompt=d.prompt.text, initial_response=d.initial,
+                          critiques=tuple(d.critiques), revisions=tuple(d.revisions),
+                          principle_ids=tuple(p.id for p in d.principles))
+            for d in drafts
+        )
+        return RevisionBatch(chains=chains, rejected=tuple(rejected))
+
+    def label_pairs(self, requests: Sequence[ComparisonRequest]) -> list[PreferenceLabel]:
+        """AI preference labels P(A better than B) in ``feedback.label_mode``, aligned with ``requests``."""
+        mode = self._cfg.label_mode
+        if mode == "direct":
+            return self._label_direct(requests)
+        return self._label_choice(requests, cot=mode == "cot")
+
+    def direct_scores(self, requests: Sequence[ScoreRequest]) -> list[DirectScore]:
+        """d-RLAIF: expected 1-10 rating rescaled to [-1, 1], averaged over the sampled principles."""
+        out: list[DirectScore] = []
+        scored = self._rate([(r.item_id, r.prompt, r.response) for r in requests])
+        for r, (value, principles, error) in zip(requests, scored):
+            out.append(DirectScore(item_id=r.item_id, score=value, principle_ids=tuple(p.id for p in principles),
+                                   error=error))
+        return out
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load new feedback-model weights in place (when the policy labels itself)."""
+        self._engine.load_weights(named_tensors, version)
+
+    def weight_version(self) -> int:
+        """Version of the weights now loaded."""
+        return self._engine.version
+
+    def receive_weights(self, spec: GroupSpec, rank: int) -> SyncTimings:
+        """Join one weight sync as ``rank`` of its stateless group; loads only once every bucket arrived."""
+        return receive_into(self._engine, spec, rank)
+
+    def receive_weights_object_store(self, buckets: list[ObjectStoreBucket], version: int,
+                                     timeout_s: float) -> SyncTimings:
+        """Load weights published in Ray's object store by :func:`cai_ray.sync.object_store_send`."""
+        return receive_from_object_store(self._engine, buckets, version, timeout_s)
+
+    # --------------------------------------------------------------------------- comparisons
+    def _label_choice(self, requests: Sequence[ComparisonRequest], *, cot: bool) -> list[PreferenceLabel]:
+        """Multiple-choice (``cot=False``) or chain-of-thought labels for every request in one scoring call."""
+        cfg, tok = self._cfg, self._engine.tokenizer
+        mode = "cot" if cot else "multiple_choice"
+        orders = (False, True) if cfg.swap_debias else (False,)
+        labels: dict[int, PreferenceLabel] = {}
+        # One job per (request, principle, order): (request index, principle index, swapped, prompt text).
+        jobs: list[tuple[int, int, bool, str]] = []
+        principles: dict[int, list[Principle]] = {}
+        for i, req in enumerate(requests):
+            try:
+                user = self._check_pair(req)
+            except PromptRejected as err:
+                labels[i] = PreferenceLabel(req.pair_id, 0.5, (), (), (), mode, error=str(err))
+                continue
+            principles[i] = self._principles("comparison", req.pair_id, 0, cfg.num_principles_per_label)
+            for k, principle in enumerate(principles[i]):
+                for swapped in orders:
+                    first, second = (req.response_b, req.response_a) if swapped else (req.response_a, req.response_b)
+                    render = cot_comparison_prompt if cot else comparison_prompt
+                    text = render(tok, self._constitution, principle, prompt=user, response_a=first,
+                                  response_b=second, num_few_shot=self._num_few_shot)
+                    jobs.append((i, k, swapped, text))
+
+        reasoning: dict[tuple[int, int, bool], str] = {}
+        if cot:  # generate the reasoning, then score the answer that follows it
+            texts = self._generate_texts(
+                [(requests[i].pair_id, text) for i, _, _, text in jobs],
+                [stable_seed(self._seed, "cot", requests[i].pair_id, k, swapped) for i, k, swapped, _ in jobs],
+                cfg.cot_max_new_tokens, stop=(ANSWER_PREFIX, *_STOP),
+            )
+            kept = []
+            for (i, k, swapped, text), out in zip(jobs, texts):
+                if isinstance(out, Exception):
+                    labels.setdefault(i, self._failed_label(requests[i], mode, out))
+                    continue
+                reasoning[(i, k, swapped)] = out
+                kept.append((i, k, swapped, f"{text} {out}\n{ANSWER_PREFIX}"))
+            jobs = [j for j in kept if j[0] not in labels]
+
+        scores = self._score_options([(requests[i].pair_id, text) for i, _, _, text in jobs])
+        first_better: dict[tuple[int, int, bool], float] = {}
+        for (i, k, swapped, _), score in zip(jobs, scores):
+            if isinstance(score, Exception):
+                labels.setdefault(i, self._failed_label(requests[i], mode, score))
+            else:
+                first_better[(i, k, swapped)] = score
+        for i, req in enumerate(requests):
+            if i in labels:
+                continue
+            ks = range(len(principles[i]))
+            ab = [first_better[(i, k, False)] for k in ks]
+            ba = [first_better[(i, k, True)] for k in ks] if cfg.swap_debias else None
+            prob = preference_label(ab, ba)
+            if cot:
+                prob = clamp(prob, cfg.cot_clamp)
+            text = "\n---\n".join(reasoning[(i, k, s)] for k in ks for s in orders) if cot else None
+            labels[i] = PreferenceLabel(
+                req.pair_id, prob, tuple(p.id for p in principles[i]), tuple(p.tier for p in principles[i]),
+                _axes(principles[i]), mode, reasoning=text,
+            )
+        return [labels[i] for i in range(len(requests))]
+
+    def _label_direct(self, requests: Sequence[ComparisonRequest]) -> list[PreferenceLabel]:
+        """Pair labels from direct scores of each response under the same principles."""
+        out: list[PreferenceLabel] = []
+        valid: list[int] = []
+        items: list[tuple[str, str, str]] = []
+        errors: dict[int, str] = {}
+        for i, req in enumerate(requests):
+            try:
+                self._check_pair(req)
+            except PromptRejected as err:
+                errors[i] = str(err)
+                continue
+            valid.append(i)
+            # Both responses share the pair id, hence the same sampled principles.
+            items += [(req.pair_id, req.prompt, req.response_a), (req.pair_id, req.prompt, req.response_b)]
+        rated = iter(self._rate(items))
+        results = {i: (next(rated), next(rated)) for i in valid}
+        for i, req in enumerate(requests):
+            if i in errors:
+                out.append(PreferenceLabel(req.pair_id, 0.5, (), (), (), "direct", error=errors[i]))
+                continue
+            (sa, principles, ea), (sb, _, eb) = results[i]
+            prob = 0.5 + (sa - sb) / 4.0  # scores in [-1, 1] -> a probability in [0, 1]
+            out.append(PreferenceLabel(req.pair_id, prob if not (ea or eb) else 0.5, tuple(p.id for p in principles),
+                                       tuple(p.tier for p in principles), _axes(principles), "direct",
+                                       error=ea or eb))
+        return out
+
+    def _rate(self, items: Sequence[tuple[str, str, str]]) -> list[tuple[float, list[Principle], str | None]]:
+        """(score, principles, error) per (item id, prompt, response): ratings scored as full strings."""
+        tok = self._engine.tokenizer
+        results: dict[int, tuple[float, list[Principle], str | None]] = {}
+        jobs: list[tuple[int, list[int]]] = []
+        principles: dict[int, list[Principle]] = {}
+        longest = max(len(r) for r in self._ratings)
+        for i, (item_id, prompt, response) in enumerate(items):
+            try:
+                if not response.strip():
+                    raise PromptRejected(f"item '{item_id}': empty response")
+                user = self._user_text(item_id, prompt)
+                principles[i] = self._principles("comparison", item_id, 0, self._cfg.num_principles_per_label)
+                ids = [self._fit(item_id, rating_prompt(tok, p, prompt=user, response=response), longest)
+                       for p in principles[i]]
+            except PromptRejected as err:
+                results[i] = (0.0, [], str(err))
+                continue
+            jobs += [(i, x) for x in ids]
+        scores = _isolated(lambda batch: self._engine.score([x for _, x in batch], [self._ratings] * len(batch)),
+                           jobs)
+        per_item: dict[int, list[float]] = {}
+        for (i, _), s in zip(jobs, scores):
+            if isinstance(s, Exception):
+                results.setdefault(i, (0.0, principles[i], _error_text(s)))
+            else:
+                per_item.setdefault(i, []).append(expected_rating_score(s))
+        for i, values in per_item.items():
+            results.setdefault(i, (mean(values), principles[i], None))
+        return [results[i] for i in range(len(items))]
+
+    # ------------------------------------------------------------------------------- helpers
+    def _principles(self, stage: str, item_id: str, round_: int, k: int) -> list[Principle]:
+        """Principles for one item, from a stable hash of (seed, stage, item, round): same on every worker."""
+        rng = random.Random(stable_seed(self._seed, stage, item_id, round_))
+        return self._constitution.sample_principles(rng, stage, k, self._tiers)  # type: ignore[arg-type]
+
+    def _user_text(self, item_id: str, text: str) -> str:
+        """The user prompt under the data prompt-length policy (truncation keeps the last tokens)."""
+        if not text.strip():
+            raise PromptRejected(f"prompt '{item_id}': empty prompt")
+        ids = self._engine.encode(text)
+        kept = fit_prompt(ids, max_tokens=self._max_prompt_tokens, overlong=self._overlong, prompt_id=item_id)
+        return text if len(kept) == len(ids) else self._engine.tokenizer.decode(kept)
+
+    def _check_pair(self, req: ComparisonRequest) -> str:
+        """The (policy-fitted) user prompt of a pair, or PromptRejected for a pair that cannot be labelled."""
+        if req.response_a == req.response_b:
+            raise PromptRejected(f"pair '{req.pair_id}': identical responses; label 0.5 without asking the model")
+        return self._user_text(req.pair_id, req.prompt)
+
+    def _fit(self, item_id: str, text: str, room: int) -> list[int]:
+        """Token ids of a rendered feedback prompt that must leave ``room`` tokens of context."""
+        ids = self._engine.encode(text)
+        if len(ids) + room > self._engine.max_model_len:
+            raise PromptRejected(
+                f"item '{item_id}': feedback prompt of {len(ids)} tokens + {room} new tokens exceeds "
+                f"max_model_len={self._engine.max_model_len}; lower constitution.num_few_shot, shorten the "
+                "responses, or raise the feedback model's max_model_len"
+            )
+        return ids
+
+    def _encode_all(self, texts: Sequence[tuple[str, str]], room: int) -> list[list[int] | Exception]:
+        """Token ids of each (item id, rendered prompt), or the item's PromptRejected."""
+        encoded: list[list[int] | Exception] = []
+        for item_id, text in texts:
+            try:
+                encoded.append(self._fit(item_id, text, room))
+            except PromptRejected as err:
+                encoded.append(err)
+        return encoded
+
+    def _generate_texts(self, texts: Sequence[tuple[str, str]], seeds: Sequence[int], max_new_tokens: int,
+                        stop: Sequence[str] = _STOP) -> list[str | Exception]:
+        """One sampled continuation (stripped text) per (item id, rendered prompt), or the item's error."""
+        results = self._encode_all(texts, 1)  # generation is cut to the context that is left
+        jobs = [(i, ids) for i, ids in enumerate(results) if not isinstance(ids, Exception)]
+        outs = _isolated(
+            lambda batch: [c[0].text.strip() for c in self._engine.generate(
+                [ids for _, ids in batch], n=1, max_new_tokens=max_new_tokens, temperature=self._cfg.temperature,
+                seeds=[seeds[i] for i, _ in batch], stop=stop)],
+            jobs,
+        )
+        for (i, _), out in zip(jobs, outs):
+            results[i] = out  # type: ignore[call-overload]
+        return results  # type: ignore[return-value]
+
+    def _score_options(self, texts: Sequence[tuple[str, str]]) -> list[float | Exception]:
+        """P(first-listed option) for each (item id, rendered comparison prompt), in one scoring call."""
+        results = self._encode_all(texts, max(len(o) for o in self._options))
+        jobs = [(i, ids) for i, ids in enumerate(results) if not isinstance(ids, Exception)]
+        options = list(self._options)
+        scores = _isolated(lambda batch: self._engine.score([ids for _, ids in batch], [options] * len(batch)),
+                           jobs)
+        for (i, _), s in zip(jobs, scores):
+            results[i] = s if isinstance(s, Exception) else option_probability(*s)  # type: ignore[call-overload]
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _failed_label(req: ComparisonRequest, mode: str, err: Exception) -> PreferenceLabel:
+        return PreferenceLabel(req.pair_id, 0.5, (), (), (), mode, error=_error_text(err))
+
+
+# ------------------------------------------------------------------------------------------ pool
+class FeedbackPool:
+    """N FeedbackWorker actors behind a driver-side dispatcher (the pool itself is not an actor).
+
+    Items are cut into ``feedback.batch_size`` batches. A batch goes to the least-loaded usable worker
+    that has fewer than ``max_in_flight_per_worker`` batches queued; otherwise the pool waits
+    (backpressure). When a worker dies, its in-flight batches are resubmitted (preferably elsewhere) up
+    to ``max_retries`` times, then returned as item errors; the dead worker gets no new batches until
+    Ray has restarted it (a probe call answers), and the last pushed weights are reloaded into it first.
+    After ``max_restarts`` deaths a worker is dropped. Every wait has the ``call_timeout_s`` deadline.
+    """
+
+    def __init__(self, workers: Sequence[Any], feedback: FeedbackConfig, *, call_timeout_s: float,
+                 placement_group: Any = None) -> None:
+        self.workers = list(workers)
+        self._cfg = feedback
+        self._timeout = call_timeout_s
+        self._pg = placement_group
+        self._load = [0] * len(self.workers)  # batches in flight per worker
+        self._deaths = [0] * len(self.workers)
+        self._death_seq = [-1] * len(self.workers)  # submit counter at the last death seen per worker
+        self._seq = 0
+        self._probes: dict[int, _Probe] = {}  # workers that died and are not yet known to be back
+        self._weights: tuple[Any, int] | None = None  # (object-store buckets of the last push, version)
+        # Set by a controller that syncs weights itself (cai_ray.sync.WeightSync): called with the index of
+        # a worker Ray restarted, before that worker gets new batches; it must load the current weights.
+        self.on_restart: Callable[[int], None] | None = None
+        self.counters = {"batches": 0, "retried_batches": 0, "failed_batches": 0, "worker_deaths": 0,
+                         "timeouts": 0}
+
+    # ------------------------------------------------------------------------------------ verbs
+    def critique_and_revise(self, prompts: Sequence[Prompt]) -> RevisionBatch:
+        """SL-CAI chains for ``prompts`` (see :meth:`FeedbackWorker.critique_and_revise`)."""
+        parts = self._map(list(prompts), lambda w, batch: w.critique_and_revise.remote(batch),
+                          lambda batch, why: RevisionBatch((), tuple(RejectedItem(p.id, why) for p in batch)))
+        return RevisionBatch(chains=tuple(c for part in parts for c in part.chains),
+                             rejected=tuple(r for part in parts for r in part.rejected))
+
+    def label_pairs(self, requests: Sequence[ComparisonRequest]) -> list[PreferenceLabel]:
+        """Preference labels aligned with ``requests`` (see :meth:`FeedbackWorker.label_pairs`)."""
+        mode = self._cfg.label_mode
+        parts = self._map(list(requests), lambda w, batch: w.label_pairs.remote(batch),
+                          lambda batch, why: [PreferenceLabel(r.pair_id, 0.5, (), (), (), mode, error=why)
+                                              for r in batch])
+        return [label for part in parts for label in part]
+
+    def direct_scores(self, requests: Sequence[ScoreRequest]) -> list[DirectScore]:
+        """Direct scores aligned with ``requests`` (see :meth:`FeedbackWorker.direct_scores`)."""
+        parts = self._map(list(requests), lambda w, batch: w.direct_scores.remote(batch),
+                          lambda batch, why: [DirectScore(r.item_id, 0.0, (), error=why) for r in batch])
+        return [score for part in parts for score in part]
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+                     bucket_bytes: int = 256 << 20) -> None:
+        """Push weights to every usable worker through the object store (flat buckets, zero-copy reads).
+
+        Without an ``on_restart`` hook the pool keeps those buckets, so a worker that Ray restarts later gets
+        the same weights before its next batch (it costs object-store memory of one model).
+        """
+        from cai_ray.launcher import get_all
+
+        buckets, _ = object_store_send(rebucket(named_tensors, bucket_bytes))
+        live = [w for w in range(len(self.workers)) if self._deaths[w] <= self._cfg.max_restarts]
+        get_all([self.workers[w].receive_weights_object_store.remote(buckets, version, self._timeout) for w in live],
+                timeout_s=self._timeout, names=[f"feedback worker {w}: load_weights" for w in live])
+        self._weights = (buckets, version)
+
+    def weight_versions(self) -> list[int]:
+        """The weight version of each worker."""
+        from cai_ray.launcher import get_all
+
+        return get_all([w.weight_version.remote() for w in self.workers], timeout_s=self._timeout,
+                       names=[f"feedback worker {i}: weight_version" for i in range(len(self.workers))])
+
+    def wait_for_workers(self) -> list[int]:
+        """Wait until no worker is restarting (each within the call deadline); returns the usable workers."""
+        self._map([], lambda w, batch: None, lambda batch, why: None, until_recovered=True)
+        return [w for w in range(len(self.workers)) if self._deaths[w] <= self._cfg.max_restarts]
+
+    def in_flight(self) -> list[int]:
+        """Batches in flight per worker (for monitoring)."""
+        return list(self._load)
+
+    def shutdown(self) -> None:
+        """Kill the workers and release their placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+
+    # ------------------------------------------------------------------------------ dispatch
+    def _map(self, items: list[T], call: Callable[[Any, list[T]], Any], failed: Callable[[list[T], str], R], *,
+             until_recovered: bool = False) -> list[R]:
+        """Run ``call(worker, batch)`` over all batches of ``items``; results in input order.
+
+        Restarting workers are probed along the way; ``until_recovered`` also waits for all of them.
+        """
+        import ray
+
+        size = self._cfg.batch_size
+        batches = [items[i:i + size] for i in range(0, len(items), size)]
+        results: dict[int, R] = {}
+        failures = [0] * len(batches)
+        last_worker: list[int | None] = [None] * len(batches)
+        queue = deque(range(len(batches)))
+        in_flight: dict[Any, tuple[int, int, float, int]] = {}  # ref -> (worker, batch, deadline, seq)
+        self.counters["batches"] += len(batches)
+
+        def retry_or_fail(b: int, why: str) -> None:
+            failures[b] += 1
+            if failures[b] <= self._cfg.max_retries:
+                self.counters["retried_batches"] += 1
+                queue.appendleft(b)  # retried first: it has waited longest
+            else:
+                self.counters["failed_batches"] += 1
+                results[b] = failed(batches[b], f"{why}; gave up after {failures[b]} attempts")
+
+        while queue or in_flight or (until_recovered and self._probes):
+            while queue:
+                w = self._pick(avoid=last_worker[queue[0]])
+                if w is None:
+                    break
+                b = queue.popleft()
+                self._seq += 1
+                in_flight[call(self.workers[w], batches[b])] = (w, b, time.monotonic() + self._timeout, self._seq)
+                self._load[w] += 1
+                last_worker[b] = w
+            if queue and not in_flight and not self._probes:
+                why = (f"all {len(self.workers)} feedback workers are gone "
+                       f"(feedback.max_restarts={self._cfg.max_restarts})")
+                while queue:
+                    b = queue.popleft()
+                    self.counters["failed_batches"] += 1
+                    results[b] = failed(batches[b], why)
+                break
+            self._launch_probes()
+            probe_refs = {p.ref: w for w, p in self._probes.items() if p.ref is not None}
+            deadline = min([d for _, _, d, _ in in_flight.values()]
+                           + [p.deadline if p.ref is not None else p.retry_at for p in self._probes.values()])
+            timeout = max(0.0, deadline - time.monotonic())
+            if in_flight or probe_refs:
+                ready, _ = ray.wait([*in_flight, *probe_refs], num_returns=1, timeout=timeout)
+            else:  # only restarting workers, none with a probe out: wait for the next probe time
+                time.sleep(timeout)
+                ready = []
+            for ref in ready:
+                if ref in probe_refs:
+                    self._probe_done(probe_refs[ref], ref)
+                    continue
+                w, b, _, seq = in_flight.pop(ref)
+                self._load[w] -= 1
+                try:
+                    results[b] = ray.get(ref, timeout=self._timeout)
+                except ray.exceptions.RayActorError as err:
+                    self._worker_died(w, seq)
+                    retry_or_fail(b, f"feedback worker {w} died ({type(err).__name__})")
+                except ray.exceptions.RayTaskError as err:  # a bug in the worker: deterministic, so no retry
+                    self.counters["failed_batches"] += 1
+                    results[b] = failed(batches[b], f"feedback worker {w} failed: {err.cause!r}")
+                except Exception as err:  # noqa: BLE001 - lost object, cancelled, ...: worth one more try
+                    retry_or_fail(b, f"feedback worker {w}: {type(err).__name__}: {err}")
+            now = time.monotonic()
+            for ref, (w, b, deadline_b, _) in list(in_flight.items()):
+                if deadline_b <= now:
+                    del in_flight[ref]
+                    self._load[w] -= 1
+                    self.counters["timeouts"] += 1
+                    ray.cancel(ref)  # a late answer is dropped with the ref: the batch is never counted twice
+                    retry_or_fail(b, f"feedback worker {w}: no answer within {self._timeout:.0f}s")
+            for w, probe in list(self._probes.items()):
+                if probe.deadline <= now:
+                    del self._probes[w]
+                    if probe.ref is not None:
+                        ray.cancel(probe.ref)
+                    log.warning("feedback worker %d did not come back within %.0fs; the pool stops using it",
+                                w, self._timeout)
+                    self._deaths[w] = self._cfg.max_restarts + 1
+        return [results[b] for b in range(len(batches))]
+
+    def _pick(self, *, avoid: int | None) -> int | None:
+        """The least-loaded usable worker with room, preferring one other than ``avoid`` (a retry's last worker)."""
+        cap = self._cfg.max_in_flight_per_worker
+        free = [w for w in range(len(self.workers))
+                if self._deaths[w] <= self._cfg.max_restarts and w not in self._probes and self._load[w] < cap]
+        if not free:
+            return None
+        preferred = [w for w in free if w != avoid] or free
+        return min(preferred, key=lambda w: (self._load[w], w))
+
+    def _worker_died(self, w: int, seq: int) -> None:
+        """Count a death once (all batches in flight at that moment fail together) and start probing."""
+        if seq <= self._death_seq[w]:
+            return  # submitted before the death already counted
+        self._death_seq[w] = self._seq
+        self._deaths[w] += 1
+        self.counters["worker_deaths"] += 1
+        if self._deaths[w] > self._cfg.max_restarts:
+            log.warning("feedback worker %d died %d times; the pool stops using it", w, self._deaths[w])
+            self._probes.pop(w, None)
+            return
+        self._probes[w] = _Probe(deadline=time.monotonic() + self._timeout)
+
+    def _launch_probes(self) -> None:
+        """Send the due probes: the restarted actor's first call reloads the last pushed weights (if any)."""
+        now = time.monotonic()
+        for w, probe in self._probes.items():
+            if probe.ref is None and probe.retry_at <= now:
+                worker = self.workers[w]
+                replay = self._weights is not None and self.on_restart is None
+                probe.ref = (worker.receive_weights_object_store.remote(*self._weights, self._timeout) if replay
+                             else worker.weight_version.remote())
+
+    def _probe_done(self, w: int, ref: Any) -> None:
+        import ray
+
+        probe = self._probes[w]
+        try:
+            ray.get(ref, timeout=self._timeout)
+        except ray.exceptions.ActorUnavailableError:  # still restarting: ask again shortly
+            probe.ref, probe.retry_at = None, time.monotonic() + _PROBE_INTERVAL_S
+            return
+        except ray.exceptions.RayActorError:  # died again while restarting
+            del self._probes[w]
+            self._worker_died(w, self._seq + 1)
+            return
+        except Exception as err:  # noqa: BLE001 - e.g. the weight reload failed: do not use a stale engine
+            log.warning("feedback worker %d did not recover (%s); the pool stops using it", w, err)
+            self._deaths[w] = self._cfg.max_restarts + 1
+        else:
+            if self.on_restart is not None:
+                try:
+                    self.on_restart(w)
+                except Exception as err:  # noqa: BLE001 - a worker that cannot get current weights is not used
+                    log.warning("feedback worker %d could not reload weights (%s); the pool stops using it", w, err)
+                    self._deaths[w] = self._cfg.max_restarts + 1
+        del self._probes[w]
+
+
+@dataclass
+class _Probe:
+    """A worker that died: when to give up on it, and the probe call out (None while waiting to retry)."""
+
+    deadline: float
+    ref: Any = None
+    retry_at: float = 0.0
+
+
+def start_feedback_pool(model: ModelConfig, feedback: FeedbackConfig, constitution: ConstitutionConfig,
+                        data: DataConfig, cluster: ClusterConfig, *, seed: int = 0) -> FeedbackPool:
+    """Start ``feedback.num_workers`` FeedbackWorker actors in one placement group; wait until they are up.
+
+    All workers share ``seed``, so any worker (or a retry) produces the same labels for an item.
+    """
+    from cai_ray.launcher import bundle, get_all, reserve, spawn
+
+    tp = feedback.engine.tensor_parallel_size
+    if tp > 1 and feedback.resources.num_gpus < tp:
+        raise ValueError(
+            f"feedback.engine.tensor_parallel_size={tp} needs feedback.resources.num_gpus >= {tp} "
+            f"(got {feedback.resources.num_gpus}); tensor parallelism runs inside one actor's bundle"
+        )
+    pg = reserve([bundle(feedback.resources)] * feedback.num_workers, strategy=cluster.placement_strategy,
+                 timeout_s=cluster.placement_timeout_s, name="feedback")
+    workers = [
+        spawn(FeedbackWorker, model, feedback, constitution, data, seed=seed, resources=feedback.resources, pg=pg,
+              bundle_index=i, max_restarts=feedback.max_restarts)
+        for i in range(feedback.num_workers)
+    ]
+    get_all([w.weight_version.remote() for w in workers], timeout_s=cluster.remote_call_timeout_s,
+            names=[f"feedback worker {i}" for i in range(len(workers))])
+    return FeedbackPool(workers, feedback, call_timeout_s=cluster.remote_call_timeout_s, placement_group=pg)

@@ -1,0 +1,131 @@
+"""RolloutWorker: samples k responses per prompt from the policy for the RL stage.
+
+Each prompt goes through the model's chat template, then the prompt-length policy (keep the last
+``data.max_prompt_tokens`` tokens, or reject the prompt by id). Sampling uses the rollout config's
+temperature / top-p / length and a per-prompt seed derived from the caller's seed and the prompt id,
+so a batch is reproducible whichever worker serves it. Every sample carries the weight version that
+produced it, which the async schedule uses to drop stale samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from cai_ray.config import ClusterConfig, DataConfig, ModelConfig, RolloutConfig
+from cai_ray.constitution import render_chat
+from cai_ray.inference.engine import Engine, PromptRejected, fit_prompt, stable_seed
+from cai_ray.sync import GroupSpec, ObjectStoreBucket, SyncTimings, receive_from_object_store, receive_into
+from cai_ray.types import Prompt, RejectedItem, RolloutBatch, Sample
+
+if TYPE_CHECKING:
+    import torch
+
+
+class RolloutWorker:
+    """One policy engine. A plain class; :func:`start_rollout_workers` makes it a Ray actor."""
+
+    def __init__(self, model: ModelConfig, rollout: RolloutConfig, data: DataConfig, *, seed: int = 0) -> None:
+        self._engine = Engine(model, rollout.engine, seed=seed)
+        self._rollout = rollout
+        # The prompt must leave room for at least one new token.
+        self._max_prompt_tokens = min(data.max_prompt_tokens, model.max_model_len - 1)
+        self._overlong = data.overlong_prompt
+
+    def generate(self, prompts: Sequence[Prompt], *, seed: int) -> RolloutBatch:
+        """Sample ``rollout.num_samples_per_prompt`` responses per prompt in one batched engine call."""
+        accepted: list[tuple[Prompt, list[int]]] = []
+        rejected: list[RejectedItem] = []
+        for prompt in prompts:
+            try:
+                accepted.append((prompt, self._prompt_ids(prompt)))
+            except PromptRejected as err:
+                rejected.append(RejectedItem(prompt.id, str(err)))
+        cfg = self._rollout
+        version = self._engine.version  # weights cannot change during this call (actors run one call at a time)
+        outputs = self._engine.generate(
+            [ids for _, ids in accepted], n=cfg.num_samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_p=cfg.top_p, seeds=[stable_seed(seed, p.id) for p, _ in accepted],
+        ) if accepted else []
+        samples = [
+            Sample(prompt_id=prompt.id, prompt=prompt.text, prompt_token_ids=tuple(ids), response_text=c.text,
+                   response_token_ids=c.token_ids, response_logprobs=c.logprobs, finish_reason=c.finish_reason,
+                   weight_version=version, sample_index=k)
+            for (prompt, ids), completions in zip(accepted, outputs)
+            for k, c in enumerate(completions)
+        ]
+        return RolloutBatch(samples=tuple(samples), rejected=tuple(rejected))
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load new policy weights in place (HF names) and tag later samples with ``version``."""
+        self._engine.load_weights(named_tensors, version)
+
+    def weight_version(self) -> int:
+        """Version of the weights now loaded (a method, so it can be called on the actor)."""
+        return self._engine.version
+
+    def receive_weights(self, spec: GroupSpec, rank: int) -> SyncTimings:
+        """Join one weight sync as ``rank`` of its stateless group; loads only once every bucket arrived."""
+        return receive_into(self._engine, spec, rank)
+
+    def receive_weights_object_store(self, buckets: list[ObjectStoreBucket], version: int,
+                                     timeout_s: float) -> SyncTimings:
+        """Load weights published in Ray's object store by :func:`cai_ray.sync.object_store_send`."""
+        return receive_from_object_store(self._engine, buckets, version, timeout_s)
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if not prompt.text.strip():
+            raise PromptRejected(f"prompt '{prompt.id}': empty prompt")
+        text = render_chat(self._engine.tokenizer, [{"role": "user", "content": prompt.text}])
+        return fit_prompt(self._engine.encode(text), max_tokens=self._max_prompt_tokens, overlong=self._overlong,
+                          prompt_id=prompt.id)
+
+
+@dataclass
+class RolloutWorkers:
+    """The rollout actors and their placement group."""
+
+    workers: list[Any]
+    placement_group: Any
+
+    def shutdown(self) -> None:
+        """Kill the actors and release their placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        remove_placement_group(self.placement_group)
+
+
+def start_rollout_workers(model: ModelConfig, rollout: RolloutConfig, data: DataConfig, cluster: ClusterConfig,
+                          *, seed: int = 0) -> RolloutWorkers:
+    """Start ``rollout.num_workers`` RolloutWorker actors in one placement group and wait until they are up.
+
+    Each actor's bundle is ``rollout.resources``; a pending group is what asks an autoscaler for nodes.
+    Tensor parallelism runs inside the actor, so its bundle must hold that many GPUs.
+    """
+    from cai_ray.launcher import bundle, get_all, reserve, spawn
+
+    tp = rollout.engine.tensor_parallel_size
+    if tp > 1 and rollout.resources.num_gpus < tp:
+        raise ValueError(
+            f"rollout.engine.tensor_parallel_size={tp} needs rollout.resources.num_gpus >= {tp} "
+            f"(got {rollout.resources.num_gpus}); tensor parallelism runs inside one actor's bundle"
+        )
+    pg = reserve([bundle(rollout.resources)] * rollout.num_workers, strategy=cluster.placement_strategy,
+                 timeout_s=cluster.placement_timeout_s, name="rollout")
+    workers = [
+        spawn(RolloutWorker, model, rollout, data, seed=stable_seed(seed, "rollout-engine", i),
+              resources=rollout.resources, pg=pg, bundle_index=i, max_restarts=rollout.max_restarts)
+        for i in range(rollout.num_workers)
+    ]
+    # Fail here, naming the worker, if an engine cannot start (bad model, too little memory).
+    try:
+        get_all([w.weight_version.remote() for w in workers], timeout_s=cluster.remote_call_timeout_s,
+                names=[f"rollout worker {i}" for i in range(len(workers))])
+    except BaseException:
+        RolloutWorkers(workers, pg).shutdown()
+        raise
+    return RolloutWorkers(workers, pg)

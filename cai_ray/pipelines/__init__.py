@@ -1,0 +1,1 @@
+"""Pipelines: SL-CAI (critique -> revision -> SFT) and iterated online RL-CAI."""

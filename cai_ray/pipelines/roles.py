@@ -1,0 +1,124 @@
+"""The RL-CAI roles started together: rollout engines, the feedback pool, the learner group, weight sync.
+
+The controller talks to them through a few verbs. Rollout calls that die with their actor are retried
+once after Ray restarts it and the current weights are pushed into it, so no sample is lost or counted
+twice; a learner failure stops the run (it is resumable from the last checkpoint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cai_ray import launcher
+from cai_ray.config import ExperimentConfig
+from cai_ray.inference.engine import stable_seed
+from cai_ray.inference.feedback import FeedbackPool, start_feedback_pool
+from cai_ray.inference.rollout import RolloutWorkers, start_rollout_workers
+from cai_ray.sync import WeightSync
+from cai_ray.training.group import LearnerGroup
+from cai_ray.training.learner import LearnerRoles
+from cai_ray.types import Prompt, RejectedItem, Sample
+
+
+@dataclass
+class PendingRollout:
+    """Generation calls in flight (or finished) for one iteration."""
+
+    iteration: int
+    calls: list[tuple[int, list[Prompt], Any]]  # (worker index, its prompts, object ref)
+    samples: list[Sample] | None = None  # set once collected
+    rejected: list[RejectedItem] = field(default_factory=list)
+
+
+class Roles:
+    """Everything the RL loop drives. Build with :func:`start_roles`; always ``shutdown()``."""
+
+    def __init__(self, cfg: ExperimentConfig, rollout: RolloutWorkers, feedback: FeedbackPool,
+                 learner: LearnerGroup) -> None:
+        self.cfg = cfg
+        self._fleet = rollout
+        self.rollout = rollout.workers
+        self.feedback = feedback
+        self.learner = learner
+        self.timeout_s = cfg.cluster.remote_call_timeout_s
+        targets = [(f"rollout worker {i}", w) for i, w in enumerate(rollout)]
+        self._sync_feedback = cfg.models.feedback is None and cfg.sync.sync_feedback_engines
+        if self._sync_feedback:
+            targets += [(f"feedback worker {i}", w) for i, w in enumerate(feedback.workers)]
+            # A feedback worker that Ray restarts comes back with its initial weights: re-sync it first.
+            feedback.on_restart = lambda i: self.sync.push(self.version, only=[f"feedback worker {i}"])
+        self.sync = WeightSync(cfg.sync, learner, targets)
+        self.version = 0
+
+    # ------------------------------------------------------------------------------- rollout
+    def submit_generate(self, prompts: Sequence[Prompt], iteration: int) -> PendingRollout:
+        """Start generation for ``prompts`` split evenly over the rollout workers."""
+        calls = []
+        n = len(self.rollout)
+        for i, worker in enumerate(self.rollout):
+            part = list(prompts[i::n])
+            if part:
+                calls.append((i, part, worker.generate.remote(part, seed=self._seed(iteration))))
+        return PendingRollout(iteration, calls)
+
+    def finish(self, pending: PendingRollout) -> PendingRollout:
+        """Wait for ``pending`` to complete (retrying a dead worker's share once)."""
+        if pending.samples is None:
+            samples: list[Sample] = []
+            for i, part, ref in pending.calls:
+                batch = self._get_rollout(i, part, ref, pending.iteration)
+                samples.extend(batch.samples)
+                pending.rejected.extend(batch.rejected)
+            pending.samples = samples
+        return pending
+
+    def collect(self, pending: PendingRollout) -> list[Sample]:
+        """The samples of ``pending`` (waits if needed)."""
+        return list(self.finish(pending).samples or [])
+
+    def _get_rollout(self, i: int, part: list[Prompt], ref: Any, iteration: int) -> Any:
+        what = f"rollout worker {i}: generate"
+        try:
+            return launcher.get(ref, timeout_s=self.timeout_s, what=what)
+        except launcher.RemoteCallError:
+            # Once: wait for Ray to restart the actor, give it the current weights, redo its share.
+            worker = self.rollout[i]
+            launcher.wait_restarted(worker, timeout_s=self.timeout_s, what=f"rollout worker {i}")
+            self.sync.push(self.version, only=[f"rollout worker {i}"])
+            retry = worker.generate.remote(part, seed=self._seed(iteration))
+            return launcher.get(retry, timeout_s=self.timeout_s, what=f"{what} (retry)")
+
+    def _seed(self, iteration: int) -> int:
+        return stable_seed(self.cfg.seed, "rollout", iteration)
+
+    # ---------------------------------------------------------------------------------- sync
+    def push_weights(self, version: int) -> dict[str, float]:
+        """Push the learner's policy into every target engine as ``version``."""
+        self.version = version
+        return self.sync.push(version)
+
+    def shutdown(self) -> None:
+        """Stop every actor and release placement groups (safe to call on a partial start)."""
+        self._fleet.shutdown()
+        self.feedback.shutdown()
+        self.learner.shutdown()
+
+
+def start_roles(cfg: ExperimentConfig) -> Roles:
+    """Start the learner group, rollout workers and feedback pool; on any failure stop what started."""
+    learner = LearnerGroup(cfg.learner, cfg.models, cfg.cluster, seed=cfg.seed,
+                           roles=LearnerRoles(reference=True, preference_model=True,
+                                              critic=cfg.learner.algorithm == "ppo"))
+    rollout: RolloutWorkers | None = None
+    try:
+        rollout = start_rollout_workers(cfg.models.policy, cfg.rollout, cfg.data, cfg.cluster, seed=cfg.seed)
+        feedback = start_feedback_pool(cfg.models.resolved_feedback(), cfg.feedback, cfg.constitution, cfg.data,
+                                       cfg.cluster, seed=cfg.seed)
+    except BaseException:
+        if rollout is not None:
+            rollout.shutdown()
+        learner.shutdown()
+        raise
+    return Roles(cfg, rollout, feedback, learner)

@@ -1,0 +1,49 @@
+"""One experiment: SL-CAI and/or RL-CAI in a run folder, on a local Ray or the cluster in RAY_ADDRESS."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from cai_ray.config import ExperimentConfig, dump_config
+from cai_ray.launcher import init_ray
+from cai_ray.models import resolve_model
+
+SL_DONE = "sl_policy.json"  # marks a finished SL stage so --resume skips it
+
+
+def run_dir_for(cfg: ExperimentConfig) -> Path:
+    """The run folder (``logging.output_dir`` with ``{name}`` filled in)."""
+    return Path(cfg.logging.output_dir.format(name=cfg.name))
+
+
+def run_experiment(cfg: ExperimentConfig, *, sl: bool, rl: bool, resume: bool = False) -> Path:
+    """Run the stages; returns the run folder. RL after SL starts from (and is anchored to) the SL policy."""
+    from cai_ray.pipelines.rl_cai import rl_cai
+    from cai_ray.pipelines.sl_cai import sl_cai
+
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    resolve_model(cfg.models.policy.name, revision=cfg.models.policy.revision)  # fail fast on a bad reference
+    init_ray(cfg.cluster)
+    if sl:
+        marker = run_dir / SL_DONE
+        if resume and marker.is_file():
+            policy = json.loads(marker.read_text())["policy"]
+        else:
+            start = time.perf_counter()
+            policy = sl_cai(cfg, run_dir)
+            marker.write_text(json.dumps({"policy": policy, "seconds": time.perf_counter() - start}))
+        print(f"SL-CAI policy: {policy}", flush=True)
+        cfg = cfg.model_copy(deep=True)
+        cfg.models.policy.name = policy
+    if rl:
+        history = rl_cai(cfg, run_dir, resume=resume)
+        if history:
+            last = history[-1]
+            print(f"RL-CAI: {len(history)} iterations; last: reward {last.get('reward/mean', float('nan')):.3f}, "
+                  f"PM accuracy on fresh labels {last.get('pm_fresh/accuracy', float('nan')):.3f}", flush=True)
+    print(f"run folder: {run_dir}", flush=True)
+    return run_dir

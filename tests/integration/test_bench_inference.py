@@ -1,0 +1,42 @@
+"""Smoke test of benchmarks/bench_inference.py --quick: it runs and writes the JSON fields (not the speed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_inference.py"
+
+
+def test_bench_inference_quick_writes_json(ray_local: None, tiny_model_path: str, tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_inference", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    # In-process: reuses the session's Ray; --niceness keep leaves the test process's priority alone.
+    path = bench.main(["--quick", "--niceness", "keep", "--out", str(tmp_path)])
+    result = json.loads(Path(path).read_text())
+
+    assert result["benchmark"] == "inference" and result["quick"] is True
+    assert "bench_inference.py --quick" in result["command"]
+    machine = result["machine"]
+    assert machine["logical_cores"] >= 1 and machine["ram_gib"] > 0 and isinstance(machine["cpu_flags"], list)
+    assert {"torch", "ray", "transformers"} <= set(machine["packages"])
+    assert set(result["settings"]["niceness"]) == {"actors", "baselines"}
+    reps = result["settings"]["reps"]
+    rollout, labels = result["rollout"], result["labels"]
+    for side in (rollout["actor"], rollout["direct"], labels["pool"], labels["naive_generate_per_option"],
+                 labels["raw_vllm_prompt_logprobs"]):
+        assert len(side["seconds"]) == len(side["per_s"]) == reps
+        assert side["summary"]["min"] <= side["summary"]["median"] <= side["summary"]["max"]
+    assert rollout["same_tokens_generated"] is True  # both sides did the same work
+    for key in ("median_ratio_actor_vs_direct", "median_ratio_pool_vs_naive", "median_ratio_pool_vs_raw"):
+        assert (rollout | labels)[key] > 0
+    # The three labelling methods compute the same labels.
+    assert labels["max_abs_label_diff_vs_naive"] < 1e-6 and labels["max_abs_label_diff_vs_raw"] < 1e-4
