@@ -290,6 +290,12 @@ class ExperimentConfig(_Strict):
             )
         if self.schedule.mode == "async" and self.schedule.max_staleness < 1:
             raise ValueError("schedule.max_staleness must be >= 1 when schedule.mode is 'async'")
+        if self.sync.timeout_s >= self.learner.collective_timeout_s:
+            raise ValueError(
+                f"sync.timeout_s ({self.sync.timeout_s}) must be below learner.collective_timeout_s "
+                f"({self.learner.collective_timeout_s}): a failed sync must end before the learner's collectives "
+                "time out"
+            )
         if self.sync.transport == "nccl" and self.learner.resources.num_gpus == 0:
             raise ValueError(
                 "sync.transport 'nccl' needs GPUs: set learner.resources.num_gpus > 0 or sync.transport=auto"

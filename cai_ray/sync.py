@@ -127,12 +127,6 @@ class GroupSpec:
     timeout_s: float
 
 
-def open_store(host: str, world_size: int, timeout_s: float) -> torch.distributed.TCPStore:
-    """Rank 0 hosts the rendezvous store on a free port (``store.port``)."""
-    return torch.distributed.TCPStore(host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
-                                      wait_for_workers=False)
-
-
 class StatelessGroupTransport:
     """Broadcast buckets over a process group independent of the default one (gloo or NCCL)."""
 

@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from cai_ray.sync import GroupSpec, StatelessGroupTransport, SyncError, open_store, rebucket
+from cai_ray.sync import GroupSpec, StatelessGroupTransport, SyncError, rebucket
+from cai_ray.training.engine import open_store
 
 
 def _receiver(spec: GroupSpec, rank: int, die: bool, queue: mp.Queue) -> None:
@@ -19,16 +20,16 @@ def _receiver(spec: GroupSpec, rank: int, die: bool, queue: mp.Queue) -> None:
     try:
         named, timings = transport.receive()
         # Plain bytes through the queue: torch's shared-memory handoff dies with this process.
-        queue.put((rank, [(n, str(t.dtype), bytes(t.contiguous().view(-1).view(torch.uint8).numpy())) for n, t in named],
-                   timings.num_buckets))
+        as_bytes = [(n, str(t.dtype), bytes(t.contiguous().view(-1).view(torch.uint8).numpy())) for n, t in named]
+        queue.put((rank, as_bytes, timings.num_buckets))
     except (RuntimeError, SyncError) as err:
         queue.put((rank, f"error: {err}", 0))
 
 
 def _start_receivers(num: int, dying: set[int], timeout_s: float) -> tuple[object, GroupSpec, mp.Queue, list]:
     ctx = mp.get_context("spawn")
-    store = open_store("127.0.0.1", num + 1, timeout_s)
-    spec = GroupSpec("gloo", "127.0.0.1", store.port, num + 1, version=3, timeout_s=timeout_s)
+    store, host, port = open_store(num + 1, timeout_s=timeout_s)
+    spec = GroupSpec("gloo", host, port, num + 1, version=3, timeout_s=timeout_s)
     queue: mp.Queue = ctx.Queue()
     procs = [ctx.Process(target=_receiver, args=(spec, r, r in dying, queue)) for r in range(1, num + 1)]
     for p in procs:

@@ -1,0 +1,228 @@
+"""Learner throughput: LearnerGroup.sft_step vs a plain DeepSpeed loop on the same model, batch and ZeRO stage.
+
+A (cai-ray): the controller calls ``LearnerGroup.sft_step(seqs)`` (Ray fan-out, per-rank sharding,
+collation, micro-batching, the pure ``sft_loss``) and times each call end to end.
+B (baseline): the same number of ranks as plain Ray actors that only host a hand-written DeepSpeed loop
+(``deepspeed.initialize`` with the same ds_config and a torch AdamW, pre-collated tensors, HF-style
+cross-entropy with ignore_index, ``backward``/``step``), timed inside rank 0 between two barriers.
+Both see the same rows per rank and count real (non-pad) tokens. After a warm-up, A and B alternate
+(A B A B ...) and the JSON reports every repetition, min/median/max and the median ratio A/B.
+
+    python benchmarks/bench_learner.py [--quick] [--model tiny-random-llama] [--reps 7] [--zero-stage 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cai_ray import launcher  # noqa: E402
+from cai_ray.config import ClusterConfig, LearnerConfig, ModelConfig, ModelsConfig  # noqa: E402
+from cai_ray.types import TrainSequence  # noqa: E402
+
+
+class PlainDeepSpeedLoop:
+    """Baseline rank: a textbook DeepSpeed training loop over pre-collated tensors."""
+
+    def __init__(self, *, rank: int, world_size: int, learner: LearnerConfig, model_path: str, seed: int) -> None:
+        self.rank, self.world_size, self.learner = rank, world_size, learner
+        self.model_path, self.seed = model_path, seed
+        self.store = None
+
+    def open_rendezvous(self) -> tuple[str, int]:
+        from cai_ray.training.engine import open_store
+
+        self.store, addr, port = open_store(self.world_size, timeout_s=self.learner.collective_timeout_s)
+        return addr, port
+
+    def setup(self, addr: str, port: int, seqs: list[TrainSequence]) -> None:
+        import deepspeed
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from cai_ray.training.engine import ds_config, init_distributed
+        from cai_ray.training.modeling import collate_sequences
+
+        init_distributed(backend="gloo", rank=self.rank, world_size=self.world_size, master_addr=addr,
+                         master_port=port, timeout_s=self.learner.collective_timeout_s, store=self.store)
+        torch.manual_seed(self.seed)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.learner.lr, weight_decay=self.learner.weight_decay)
+        config = ds_config(self.learner, world_size=self.world_size, dtype=torch.float32, micro_batch_size=len(seqs))
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        batch = collate_sequences(seqs, pad_id=0)
+        labels = batch.input_ids.clone()
+        labels[:, 1:][batch.loss_mask == 0] = -100
+        labels[:, 0] = -100
+        self.input_ids, self.attention_mask, self.labels = batch.input_ids, batch.attention_mask, labels
+
+    def run(self, steps: int) -> float:
+        """Seconds for ``steps`` optimizer steps, between barriers (rank 0's clock)."""
+        import torch
+        import torch.nn.functional as F
+
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        for _ in range(steps):
+            logits = self.engine(input_ids=self.input_ids, attention_mask=self.attention_mask, use_cache=False).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), self.labels[:, 1:].flatten(),
+                                   ignore_index=-100)
+            self.engine.backward(loss)
+            self.engine.step()
+        torch.distributed.barrier()
+        return time.perf_counter() - start
+
+
+def make_batch(num_rows: int, *, vocab: int, prompt_len: tuple[int, int], response_len: tuple[int, int],
+               seed: int) -> list[TrainSequence]:
+    rng = random.Random(seed)
+    return [TrainSequence(prompt_token_ids=tuple(rng.randrange(4, vocab) for _ in range(rng.randint(*prompt_len))),
+                          response_token_ids=tuple(rng.randrange(4, vocab) for _ in range(rng.randint(*response_len))))
+            for _ in range(num_rows)]
+
+
+def machine_info() -> dict[str, Any]:
+    flags: list[str] = []
+    model_name = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model_name in ("", platform.processor()):
+                model_name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "sse4"))]
+                break
+    except OSError:
+        pass
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu_count": os.cpu_count(), "cpu_model": model_name, "cpu_flags": flags, "ram_gib": round(ram, 1),
+            "gpu": gpu, "platform": platform.platform(), "python": platform.python_version()}
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for dist in ("torch", "deepspeed", "ray", "transformers", "cai-ray"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Tiny smoke run (numbers not quotable).")
+    parser.add_argument("--model", default="tiny-random-llama", help="Built-in name, HF folder or hub id.")
+    parser.add_argument("--reps", type=int, default=7, help="Timed A/B repetitions.")
+    parser.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
+    parser.add_argument("--num-ranks", type=int, default=2)
+    parser.add_argument("--rows-per-rank", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="Optimizer steps per repetition.")
+    parser.add_argument("--warmup", type=int, default=5, help="Untimed steps of each side before timing.")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/learner_<model>.json).")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.reps, args.steps, args.warmup, args.rows_per_rank = min(args.reps, 2), 2, 1, 2
+
+    import ray
+
+    from cai_ray.models import resolve_model
+    from cai_ray.training.group import LearnerGroup
+    from cai_ray.training.learner import LearnerRoles
+    from cai_ray.training.modeling import shard
+
+    model_path = resolve_model(args.model)
+    vocab = json.loads((Path(model_path) / "config.json").read_text())["vocab_size"]
+    lengths = ((8, 16), (8, 24)) if args.quick else ((32, 96), (32, 160))
+    seqs = make_batch(args.rows_per_rank * args.num_ranks, vocab=vocab, prompt_len=lengths[0],
+                      response_len=lengths[1], seed=0)
+    tokens_per_step = sum(len(s.prompt_token_ids) + len(s.response_token_ids) for s in seqs)
+    learner = LearnerConfig(num_ranks=args.num_ranks, zero_stage=args.zero_stage, micro_batch_size=args.rows_per_rank,
+                            lr=1e-5)
+    cluster = ClusterConfig(num_cpus=max(8, 2 * args.num_ranks), remote_call_timeout_s=1800)
+    launcher.init_ray(cluster)
+
+    group = LearnerGroup(learner, ModelsConfig(policy=ModelConfig(name=model_path)), cluster, seed=0,
+                         roles=LearnerRoles(reference=False))
+    plain = [launcher.spawn(PlainDeepSpeedLoop, rank=i, world_size=args.num_ranks, learner=learner,
+                            model_path=model_path, seed=0, resources=learner.resources)
+             for i in range(args.num_ranks)]
+    names = [f"plain rank {i}" for i in range(args.num_ranks)]
+    try:
+        addr, port = launcher.get(plain[0].open_rendezvous.remote(), timeout_s=600, what="plain rank 0")
+        shards = shard(seqs, args.num_ranks)
+        launcher.get_all([p.setup.remote(addr, port, part) for p, (part, _) in zip(plain, shards, strict=True)],
+                         timeout_s=600, names=names)
+
+        def run_learner(steps: int) -> float:
+            start = time.perf_counter()
+            for _ in range(steps):
+                group.sft_step(seqs)
+            return time.perf_counter() - start
+
+        def run_plain(steps: int) -> float:
+            return launcher.get_all([p.run.remote(steps) for p in plain], timeout_s=1800, names=names)[0]
+
+        run_learner(args.warmup)
+        run_plain(args.warmup)
+        reps = []
+        for rep in range(args.reps):
+            t_learner = run_learner(args.steps)
+            t_plain = run_plain(args.steps)
+            a = tokens_per_step * args.steps / t_learner
+            b = tokens_per_step * args.steps / t_plain
+            reps.append({"rep": rep, "learner_s": t_learner, "plain_s": t_plain, "learner_tokens_per_s": a,
+                         "plain_tokens_per_s": b, "ratio": a / b})
+            print(f"rep {rep}: learner {a:,.0f} tok/s  plain {b:,.0f} tok/s  ratio {a / b:.3f}", flush=True)
+    finally:
+        group.shutdown()
+        for p in plain:
+            ray.kill(p)
+
+    result = {
+        "benchmark": "learner_sft_step_vs_plain_deepspeed",
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None
+        else " ".join(shlex.quote(a) for a in [sys.executable, __file__, *argv]),
+        "quick": args.quick,
+        "machine": machine_info(),
+        "versions": versions(),
+        "config": {"model": args.model, "model_path": model_path, "zero_stage": args.zero_stage,
+                   "num_ranks": args.num_ranks, "rows_per_rank": args.rows_per_rank,
+                   "tokens_per_step": tokens_per_step, "steps_per_rep": args.steps, "warmup_steps": args.warmup,
+                   "reps": args.reps, "dtype": "float32", "threads_per_rank": learner.resources.num_cpus},
+        "repetitions": reps,
+        "learner_tokens_per_s": summary([r["learner_tokens_per_s"] for r in reps]),
+        "plain_tokens_per_s": summary([r["plain_tokens_per_s"] for r in reps]),
+        "ratio": summary([r["ratio"] for r in reps]),
+        "median_ratio": statistics.median(r["ratio"] for r in reps),
+    }
+    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results" /
+                                          f"learner_{Path(args.model).name}_zero{args.zero_stage}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"median ratio learner/plain = {result['median_ratio']:.3f}  ->  {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
