@@ -43,7 +43,7 @@ class Roles:
         self.feedback = feedback
         self.learner = learner
         self.timeout_s = cfg.cluster.remote_call_timeout_s
-        targets = [(f"rollout worker {i}", w) for i, w in enumerate(rollout)]
+        targets = [(f"rollout worker {i}", w) for i, w in enumerate(self.rollout)]
         self._sync_feedback = cfg.models.feedback is None and cfg.sync.sync_feedback_engines
         if self._sync_feedback:
             targets += [(f"feedback worker {i}", w) for i, w in enumerate(feedback.workers)]
