@@ -82,3 +82,31 @@ def test_resume_reproduces_uninterrupted_run(ray_local: None, tmp_path: Path) ->
             "response/length_mean"]
     for key in keys:
         assert resumed[0][key] == pytest.approx(uninterrupted[1][key], rel=1e-4, abs=1e-5), key
+
+
+def test_killed_rollout_and_feedback_actors_lose_no_work(ray_local: None, tmp_path: Path) -> None:
+    import ray
+
+    from cai_ray.pipelines.rl_cai import _iteration_prompts, _prompt_pool, make_pairs
+    from cai_ray.pipelines.roles import start_roles
+
+    cfg = quickstart(tmp_path, "schedule.num_prompts_per_iteration=6")
+    prompts = _iteration_prompts(cfg, _prompt_pool(cfg), 0)
+    roles = start_roles(cfg)
+    try:
+        roles.push_weights(1)
+        pending = roles.submit_generate(prompts, iteration=0)
+        ray.kill(roles.rollout[0], no_restart=False)  # dies with its batch in flight
+        samples = roles.collect(pending)
+        k = cfg.rollout.num_samples_per_prompt
+        assert sorted(s.prompt_id for s in samples) == sorted(p.id for p in prompts for _ in range(k))
+        assert {s.weight_version for s in samples} == {1}  # the restarted engine got the current weights first
+        requests, _ = make_pairs(samples, iteration=0)
+        worker = roles.feedback.workers[0]
+        ray.kill(worker, no_restart=False)
+        labels = roles.feedback.label_pairs(requests)
+        assert [lab.pair_id for lab in labels] == [r.pair_id for r in requests]
+        assert all(lab.error is None for lab in labels)
+        assert ray.get(worker.weight_version.remote(), timeout=60) == 1  # re-synced through on_restart
+    finally:
+        roles.shutdown()
