@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -75,11 +79,14 @@ def test_loop_on_a_multi_node_topology(tmp_path: Path) -> None:
 @pytest.mark.timeout(600)
 def test_ray_job_submit_to_a_local_head(tmp_path: Path) -> None:
     gcs, dash = _free_port(), _free_port()
+    # As the shipped cluster files do: token authentication on, token from the environment (a secret).
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          "--include-dashboard=true", "--num-cpus=8", f"--object-store-memory={512 << 20}",
-         f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
+         f"--temp-dir={tempfile.mkdtemp(prefix='cr-', dir='/tmp')}",  # short: Ray's unix sockets live here
+         "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
@@ -88,6 +95,8 @@ def test_ray_job_submit_to_a_local_head(tmp_path: Path) -> None:
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=5)
                 break
+            except urllib.error.HTTPError:
+                break  # it answers (401 when the Jobs API wants a token): up
             except OSError:
                 assert head.poll() is None and time.monotonic() < deadline, "ray head did not come up"
                 time.sleep(1)
@@ -101,9 +110,16 @@ def test_ray_job_submit_to_a_local_head(tmp_path: Path) -> None:
         assert "RL-CAI: 1 iterations" in out  # the driver's logs stream back to the submitter
         assert "succeeded" in out.lower()
         assert (tmp_path / "runs" / "quickstart-cpu" / "metrics.jsonl").is_file()
+        # Without the token the Jobs API refuses the same request.
+        anonymous = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+        denied = subprocess.run([RAY, "job", "list", "--address", address], env=anonymous, capture_output=True,
+                                text=True, timeout=120)
+        assert denied.returncode != 0 and "auth" in (denied.stdout + denied.stderr).lower()
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
