@@ -1,53 +1,39 @@
-"""``cai-ray demo``: the embedded default, end to end, on what exists so far.
+"""``cai-ray demo``: the embedded default, end to end.
 
-It prepares the built-in models, validates every shipped constitution, and renders the four prompt kinds
-(critique, revision, multiple-choice comparison, chain-of-thought comparison) with SmolLM2's chat
-template, then asks SmolLM2 (through transformers) for the multiple-choice soft label of one pair.
+It validates the shipped constitutions, then runs SL-CAI and two iterations of iterated online RL-CAI on
+the quickstart config (tiny-random-llama: minutes on a 2-core laptop), prints the per-phase wall time and
+the run folder, and points at the SmolLM2 config for the same run on a real chat model.
 """
 
 from __future__ import annotations
 
-import textwrap
+from pathlib import Path
 
 from cai_ray.config import load_config
-from cai_ray.constitution import load_constitution, render_examples, shipped_constitutions
-from cai_ray.data import load_prompts
-from cai_ray.models import SMOLLM2, resolve_model
+from cai_ray.constitution import load_constitution, shipped_constitutions
+from cai_ray.metrics import read_metrics
 
-
-def _show(title: str, text: str) -> None:
-    print(f"\n--- {title} ({len(text)} chars) ---")
-    print(textwrap.shorten(text[-600:], width=600, placeholder=" ...") if len(text) > 600 else text)
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart-cpu.yaml"
+PHASES = ("generate", "label", "pm_update", "policy_update", "sync", "idle")
 
 
 def run_demo(config_path: str | None, overrides: list[str]) -> int:
     """Run the demo; returns a process exit code."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from cai_ray.pipelines.run import run_experiment
 
-    cfg = load_config(config_path, overrides)
     for name in shipped_constitutions():
         c = load_constitution(name)
-        print(f"constitution {name}: {len(c.principles)} principles in tiers {[t.id for t in c.tiers]}")
-    path = resolve_model(SMOLLM2)
-    print(f"model {SMOLLM2}: {path}")
-    tok = AutoTokenizer.from_pretrained(path)
-    constitution = load_constitution(cfg.constitution.path)
-    prompt = load_prompts(cfg.data.red_team.path, max_rows=1)[0].prompt
-    a = "I won't help with that."
-    b = "I can't help with that part, but here is a safer way to get what you need, and why the other way is risky."
-    ex = render_examples(tok, constitution, prompt=prompt, response_a=a, response_b=b, seed=cfg.seed,
-                         num_few_shot=cfg.constitution.num_few_shot)
-    print(f"\nprompt: {prompt}\nprinciples: {ex.principle_id}")
-    for title, text in (("critique", ex.critique), ("revision", ex.revision), ("comparison", ex.comparison),
-                        ("chain-of-thought comparison", ex.cot_comparison)):
-        _show(title, text)
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = tok(ex.comparison, return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        logits = model(**ids).logits[0, -1]
-    option_ids = [tok("A", add_special_tokens=False).input_ids[0], tok("B", add_special_tokens=False).input_ids[0]]
-    p_a = torch.softmax(logits[option_ids], dim=-1)[0].item()
-    print(f"\nSmolLM2 soft label P(A is better) = {p_a:.3f} (before position-swap debiasing)")
+        print(f"constitution {name}: {len(c.principles)} principles, tiers {' > '.join(t.id for t in c.tiers)}")
+    cfg = load_config(config_path or DEFAULT_CONFIG, overrides)
+    run_dir = run_experiment(cfg, sl=True, rl=True)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    print(f"\n{'iter':>4} " + " ".join(f"{p:>13}" for p in PHASES) + f" {'reward':>8} {'PM acc (fresh)':>15}")
+    for row in rows:
+        phases = " ".join(f"{row.get(f'timing/{p}') or 0.0:>12.2f}s" for p in PHASES)
+        print(f"{int(row['iteration']):>4} {phases} {row.get('reward/mean') or 0.0:>8.3f} "
+              f"{row.get('pm_fresh/accuracy') or 0.0:>15.3f}")
+    print(f"\nSFT data with whole critique -> revision chains: {run_dir / 'sl' / 'sft_data.jsonl'}")
+    print(f"metrics: {run_dir / 'metrics.jsonl'}; labels: {run_dir / 'labels'}")
+    print("The same run on a real chat model (SmolLM2-135M-Instruct, tens of minutes on 2 cores):\n"
+          "  cai-ray run --config configs/smollm2-cpu.yaml")
     return 0

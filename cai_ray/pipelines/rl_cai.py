@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from cai_ray.algorithms.preference import preference_loss
 from cai_ray.config import ExperimentConfig
@@ -50,6 +51,8 @@ def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> lis
             roles.push_weights(state.version)
         history: list[dict[str, float]] = []
         pending = roles.submit_generate(_iteration_prompts(cfg, prompts, state.iteration), state.iteration)
+        bar = tqdm(total=cfg.schedule.num_iterations, initial=state.iteration, desc="RL-CAI", unit="iter",
+                   disable=not cfg.logging.progress)
         for it in range(state.iteration, cfg.schedule.num_iterations):
             timer = PhaseTimer()
             with timer.phase("generate"):
@@ -85,6 +88,9 @@ def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> lis
                        **sync_metrics, **timer.metrics()}
             writer.log(it, metrics)
             history.append(metrics)
+            bar.set_postfix({"reward": f"{metrics['reward/mean']:.3f}",
+                             "pm_acc": f"{metrics.get('pm_fresh/accuracy', float('nan')):.2f}"})
+            bar.update()
             write_jsonl([asdict(lab) for lab in labels], run_dir / "labels" / f"iter_{it:04d}.jsonl")
             if state.iteration % cfg.schedule.checkpoint_every == 0 or state.iteration == cfg.schedule.num_iterations:
                 save_checkpoint(roles, state, run_dir, cfg)

@@ -103,9 +103,13 @@ def test_ray_job_submit_to_a_local_head(tmp_path: Path) -> None:
         entrypoint = (f"{sys.executable} -m cai_ray rl --config configs/quickstart-cpu.yaml "
                       "--set schedule.num_iterations=1 --set logging.wandb_mode=disabled "
                       f"--set logging.output_dir={tmp_path}/runs/{{name}}")
-        job = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-                              *entrypoint.split()], env=env, capture_output=True, text=True, timeout=540)
-        out = job.stdout + job.stderr
+        for _ in range(30):  # the head's job agent comes up a little after the dashboard
+            job = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                                  *entrypoint.split()], env=env, capture_output=True, text=True, timeout=540)
+            out = job.stdout + job.stderr
+            if "No available agent" not in out:
+                break
+            time.sleep(2)
         assert job.returncode == 0, out[-4000:]
         assert "RL-CAI: 1 iterations" in out  # the driver's logs stream back to the submitter
         assert "succeeded" in out.lower()

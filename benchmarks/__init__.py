@@ -1,0 +1,1 @@
+"""cai-ray throughput benchmarks (see BENCHMARKING notes in the README)."""
