@@ -333,8 +333,11 @@ class WeightSync:
             raise SyncError(f"weight sync to version {version} failed ({self.transport}): {err}. Engines "
                             f"{failed} keep their previous complete weights and are marked stale") from err
         self.stale.difference_update(names)
-        load = max((t.load_s for t in got), default=0.0)
-        metrics = sender.as_metrics("sync") | {"sync/load_s": load, "sync/total_s": time.perf_counter() - t0,
+        if self.transport == "object_store":
+            # put() returns before anyone reads: the transfer ends when the slowest engine has its bytes.
+            sender.transfer_s += max((t.transfer_s for t in got), default=0.0)
+        sender.load_s = max((t.load_s for t in got), default=0.0)
+        metrics = sender.as_metrics("sync") | {"sync/total_s": time.perf_counter() - t0,
                                                "sync/num_engines": float(len(engines))}
         metrics["sync/bandwidth_mb_s"] = sender.num_bytes / max(sender.transfer_s, 1e-9) / 1e6
         return metrics
