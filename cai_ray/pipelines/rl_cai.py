@@ -32,7 +32,7 @@ from cai_ray.config import ExperimentConfig
 from cai_ray.data import load_prompts, write_jsonl
 from cai_ray.inference.engine import stable_seed
 from cai_ray.metrics import MetricsWriter, PhaseTimer
-from cai_ray.pipelines.roles import Roles, start_roles
+from cai_ray.pipelines.roles import PendingRollout, Roles, start_roles
 from cai_ray.types import ComparisonRequest, PreferenceLabel, Prompt, Sample, TrainPair, TrainSequence
 
 STATE_FILE = "loop_state.json"
@@ -41,24 +41,23 @@ STATE_FILE = "loop_state.json"
 # ----------------------------------------------------------------------------------- the loop
 def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> list[dict[str, float]]:
     """Run ``cfg.schedule.num_iterations`` RL-CAI iterations; returns each iteration's metrics."""
-    prompts = _prompt_pool(cfg)
+    pool = _prompt_pool(cfg)
+    num_iterations, overlap = cfg.schedule.num_iterations, cfg.schedule.mode == "async"
     writer = MetricsWriter(cfg.logging, run_dir, cfg.name, cfg.model_dump(mode="json"))
     roles = start_roles(cfg)
     try:
-        state = LoopState.load(run_dir) if resume else LoopState()
-        if state.iteration > 0:
-            roles.learner.load_checkpoint(str(_ckpt_dir(run_dir) / "learner"))
-            roles.push_weights(state.version)
+        state = resume_from_checkpoint(roles, run_dir) if resume else LoopState()
         history: list[dict[str, float]] = []
-        pending = roles.submit_generate(_iteration_prompts(cfg, prompts, state.iteration), state.iteration)
-        bar = tqdm(total=cfg.schedule.num_iterations, initial=state.iteration, desc="RL-CAI", unit="iter",
+        bar = tqdm(total=num_iterations, initial=state.iteration, desc="RL-CAI", unit="iter",
                    disable=not cfg.logging.progress)
-        for it in range(state.iteration, cfg.schedule.num_iterations):
+        pending: PendingRollout | None = None
+        for it in range(state.iteration, num_iterations):
             timer = PhaseTimer()
             with timer.phase("generate"):
-                samples = roles.collect(pending)
-            if cfg.schedule.mode == "async" and it + 1 < cfg.schedule.num_iterations:
-                pending = roles.submit_generate(_iteration_prompts(cfg, prompts, it + 1), it + 1)  # overlaps training
+                samples = roles.collect(pending or roles.submit_generate(_iteration_prompts(cfg, pool, it), it))
+            # async: the next batch is sampled with the current weights while this one is labelled and trained
+            pending = roles.submit_generate(_iteration_prompts(cfg, pool, it + 1), it + 1) \
+                if overlap and it + 1 < num_iterations else None
             samples, dropped = drop_stale(samples, current_version=state.version,
                                           max_staleness=cfg.schedule.max_staleness)
             with timer.phase("label"):
@@ -72,28 +71,26 @@ def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> lis
                                                      epochs=cfg.learner.num_pm_epochs)
             with timer.phase("policy_update"):
                 policy_metrics = update_policy(roles, cfg, samples, fresh)
+            with timer.phase("idle"):
+                if pending is not None:
+                    roles.finish(pending)  # an engine must be done generating to join the weight sync
             state.version += 1
-            if cfg.schedule.mode == "async" and it + 1 < cfg.schedule.num_iterations:
-                with timer.phase("idle"):
-                    pending = roles.finish(pending)  # engines must be idle to join the weight sync
             with timer.phase("sync"):
                 sync_metrics = roles.push_weights(state.version)
-            if cfg.schedule.mode == "sync" and it + 1 < cfg.schedule.num_iterations:
-                pending = roles.submit_generate(_iteration_prompts(cfg, prompts, it + 1), it + 1)
-            state.iteration = it + 1
-            state.dropped_stale += dropped
+            state.iteration, state.dropped_stale = it + 1, state.dropped_stale + dropped
+            with timer.phase("checkpoint"):
+                write_jsonl([asdict(lab) for lab in labels], run_dir / "labels" / f"iter_{it:04d}.jsonl")
+                if state.iteration % cfg.schedule.checkpoint_every == 0 or state.iteration == num_iterations:
+                    save_checkpoint(roles, state, run_dir, cfg)
             metrics = {"iteration": float(it), "weight_version": float(state.version),
                        "samples/dropped_stale": float(dropped), "samples/dropped_stale_total": float(state.dropped_stale),
                        **sample_stats(samples), **label_stats(labels), **pm_before, **pm_metrics, **policy_metrics,
                        **sync_metrics, **timer.metrics()}
             writer.log(it, metrics)
             history.append(metrics)
-            bar.set_postfix({"reward": f"{metrics['reward/mean']:.3f}",
-                             "pm_acc": f"{metrics.get('pm_fresh/accuracy', float('nan')):.2f}"})
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+                            pm_acc=f"{metrics.get('pm_fresh/accuracy', float('nan')):.2f}")
             bar.update()
-            write_jsonl([asdict(lab) for lab in labels], run_dir / "labels" / f"iter_{it:04d}.jsonl")
-            if state.iteration % cfg.schedule.checkpoint_every == 0 or state.iteration == cfg.schedule.num_iterations:
-                save_checkpoint(roles, state, run_dir, cfg)
         return history
     finally:
         roles.shutdown()
@@ -208,6 +205,15 @@ class LoopState:
         replay = [[TrainPair(tuple(p["prompt_token_ids"]), tuple(p["response_a_token_ids"]),
                              tuple(p["response_b_token_ids"]), p["prob_a"]) for p in window] for window in raw["replay"]]
         return cls(raw["iteration"], raw["version"], raw["dropped_stale"], replay)
+
+
+def resume_from_checkpoint(roles: Roles, run_dir: Path) -> LoopState:
+    """Restore the learner and loop state of ``run_dir``'s last checkpoint and push its weights to the engines."""
+    state = LoopState.load(run_dir)
+    if state.iteration > 0:
+        roles.learner.load_checkpoint(str(_ckpt_dir(run_dir) / "learner"))
+        roles.push_weights(state.version)
+    return state
 
 
 def save_checkpoint(roles: Roles, state: LoopState, run_dir: Path, cfg: ExperimentConfig) -> None:
