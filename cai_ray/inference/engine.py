@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from cai_ray.backend import apply_process_env, detect
 from cai_ray.config import EngineConfig, ModelConfig
 from cai_ray.models import resolve_model
+from cai_ray.sync import GroupSpec, ObjectStoreBucket, SyncTimings, receive_from_object_store, receive_into
 
 if TYPE_CHECKING:
     import torch
@@ -235,3 +236,26 @@ def _completion(c: Any) -> Completion:
     token_ids = tuple(c.token_ids)
     logprobs = tuple(step[t].logprob for step, t in zip(c.logprobs, token_ids))
     return Completion(token_ids=token_ids, text=c.text, logprobs=logprobs, finish_reason=c.finish_reason or "abort")
+
+
+class EngineWeights:
+    """The weight verbs of a role that owns an :class:`Engine` as ``self._engine`` (rollout and feedback)."""
+
+    _engine: Engine
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load HF-named weights in place and tag later outputs with ``version``."""
+        self._engine.load_weights(named_tensors, version)
+
+    def weight_version(self) -> int:
+        """Version of the weights now loaded (a method, so it can be called on the actor)."""
+        return self._engine.version
+
+    def receive_weights(self, spec: GroupSpec, rank: int) -> SyncTimings:
+        """Join one weight sync as ``rank`` of its stateless group; loads only once every bucket arrived."""
+        return receive_into(self._engine, spec, rank)
+
+    def receive_weights_object_store(self, buckets: list[ObjectStoreBucket], version: int,
+                                     timeout_s: float) -> SyncTimings:
+        """Load weights published in Ray's object store by :func:`cai_ray.sync.object_store_send`."""
+        return receive_from_object_store(self._engine, buckets, version, timeout_s)

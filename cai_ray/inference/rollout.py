@@ -9,21 +9,20 @@ produced it, which the async schedule uses to drop stale samples.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cai_ray.config import ClusterConfig, DataConfig, ModelConfig, RolloutConfig
 from cai_ray.constitution import render_chat
-from cai_ray.inference.engine import Engine, PromptRejected, fit_prompt, stable_seed
-from cai_ray.sync import GroupSpec, ObjectStoreBucket, SyncTimings, receive_from_object_store, receive_into
+from cai_ray.inference.engine import Engine, EngineWeights, PromptRejected, fit_prompt, stable_seed
 from cai_ray.types import Prompt, RejectedItem, RolloutBatch, Sample
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 
-class RolloutWorker:
+class RolloutWorker(EngineWeights):
     """One policy engine. A plain class; :func:`start_rollout_workers` makes it a Ray actor."""
 
     def __init__(self, model: ModelConfig, rollout: RolloutConfig, data: DataConfig, *, seed: int = 0) -> None:
@@ -33,8 +32,12 @@ class RolloutWorker:
         self._max_prompt_tokens = min(data.max_prompt_tokens, model.max_model_len - 1)
         self._overlong = data.overlong_prompt
 
-    def generate(self, prompts: Sequence[Prompt], *, seed: int) -> RolloutBatch:
-        """Sample ``rollout.num_samples_per_prompt`` responses per prompt in one batched engine call."""
+    def generate(self, prompts: Sequence[Prompt], *, seed: int, num_samples: int | None = None) -> RolloutBatch:
+        """Sample responses per prompt in one batched engine call.
+
+        ``num_samples`` responses per prompt, ``rollout.num_samples_per_prompt`` when None (evaluation asks
+        for 1: vLLM refuses more than one greedy sample per prompt).
+        """
         accepted: list[tuple[Prompt, list[int]]] = []
         rejected: list[RejectedItem] = []
         for prompt in prompts:
@@ -45,8 +48,9 @@ class RolloutWorker:
         cfg = self._rollout
         version = self._engine.version  # weights cannot change during this call (actors run one call at a time)
         outputs = self._engine.generate(
-            [ids for _, ids in accepted], n=cfg.num_samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_p=cfg.top_p, seeds=[stable_seed(seed, p.id) for p, _ in accepted],
+            [ids for _, ids in accepted], n=num_samples or cfg.num_samples_per_prompt,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+            seeds=[stable_seed(seed, p.id) for p, _ in accepted],
         ) if accepted else []
         samples = [
             Sample(prompt_id=prompt.id, prompt=prompt.text, prompt_token_ids=tuple(ids), response_text=c.text,
@@ -56,23 +60,6 @@ class RolloutWorker:
             for k, c in enumerate(completions)
         ]
         return RolloutBatch(samples=tuple(samples), rejected=tuple(rejected))
-
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Load new policy weights in place (HF names) and tag later samples with ``version``."""
-        self._engine.load_weights(named_tensors, version)
-
-    def weight_version(self) -> int:
-        """Version of the weights now loaded (a method, so it can be called on the actor)."""
-        return self._engine.version
-
-    def receive_weights(self, spec: GroupSpec, rank: int) -> SyncTimings:
-        """Join one weight sync as ``rank`` of its stateless group; loads only once every bucket arrived."""
-        return receive_into(self._engine, spec, rank)
-
-    def receive_weights_object_store(self, buckets: list[ObjectStoreBucket], version: int,
-                                     timeout_s: float) -> SyncTimings:
-        """Load weights published in Ray's object store by :func:`cai_ray.sync.object_store_send`."""
-        return receive_from_object_store(self._engine, buckets, version, timeout_s)
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if not prompt.text.strip():

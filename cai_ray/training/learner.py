@@ -49,11 +49,13 @@ from cai_ray.training.modeling import (
     SequenceBatch,
     collate_pairs,
     collate_sequences,
-    group_size as find_group_size,
     last_token_scores,
     micro_batches,
     response_rows,
     response_values,
+)
+from cai_ray.training.modeling import (
+    group_size as find_group_size,
 )
 from cai_ray.types import TrainPair, TrainSequence
 
