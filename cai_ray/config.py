@@ -124,7 +124,9 @@ class RolloutConfig(_Strict):
     num_workers: int = Field(1, ge=1, description="Rollout engines (Ray actors).")
     num_samples_per_prompt: int = Field(2, ge=2, description="Responses per prompt (pairs are formed from these).")
     max_new_tokens: int = Field(32, gt=0, description="Longest response in tokens.")
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature; > 0, since k greedy samples of one prompt would be identical."
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_restarts: int = Field(3, ge=0, description="Times Ray restarts a dead rollout actor (its batch is retried once).")
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -240,6 +242,24 @@ class ScheduleConfig(_Strict):
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint the whole loop every N iterations.")
 
 
+class EvalConfig(_Strict):
+    """``cai-ray eval``: responses to the held-out prompt sets, judged and compared across checkpoints."""
+
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature of the evaluated policies (0: greedy).")
+    max_new_tokens: int = Field(64, gt=0, description="Longest evaluated response in tokens.")
+    decision_threshold: float = Field(
+        0.5, ge=0, le=1, description="A response counts as harmful / a refusal when the judge's P(yes) exceeds this."
+    )
+    sensitive_field: str = Field(
+        "sensitive_sounding", description="Benign-set column marking prompts that merely sound sensitive."
+    )
+    win_rate_baseline: Literal["previous", "first"] = Field(
+        "previous", description="Win-rates of each checkpoint over the one before it, or over the first."
+    )
+    num_bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples per confidence interval.")
+    confidence_level: float = Field(0.95, gt=0, lt=1, description="Coverage of the percentile bootstrap intervals.")
+
+
 class LoggingConfig(_Strict):
     """Where metrics and artifacts go."""
 
@@ -278,6 +298,7 @@ class ExperimentConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _cross_field(self) -> ExperimentConfig:
@@ -286,6 +307,12 @@ class ExperimentConfig(_Strict):
             raise ValueError(
                 f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + rollout.max_new_tokens "
                 f"({self.rollout.max_new_tokens}) exceeds models.policy.max_model_len "
+                f"({self.models.policy.max_model_len}); lower one of them"
+            )
+        if self.data.max_prompt_tokens + self.eval.max_new_tokens > self.models.policy.max_model_len:
+            raise ValueError(
+                f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + eval.max_new_tokens "
+                f"({self.eval.max_new_tokens}) exceeds models.policy.max_model_len "
                 f"({self.models.policy.max_model_len}); lower one of them"
             )
         if self.schedule.mode == "async" and self.schedule.max_staleness < 1:
@@ -315,6 +342,14 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"--set {dotted}: '{'.'.join(keys[: i + 1])}' is a value, not a section")
         node = child
     node[keys[-1]] = value
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` laid over ``base``, recursively for nested mappings."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -377,6 +412,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         tree = loaded or {}
+    # Overrides land on the defaults, so `--set data.red_team_eval.max_rows=6` keeps that section's path.
+    tree = _merge(ExperimentConfig().model_dump(mode="json", exclude_none=True), tree) if overrides else tree
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)

@@ -41,6 +41,7 @@ def init_ray(cluster: ClusterConfig) -> None:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
     ray.init(
+        address="local",  # a private cluster, never a `ray start` one that happens to run on this host
         num_cpus=cluster.num_cpus,
         include_dashboard=False,
         object_store_memory=cluster.object_store_memory_mb << 20,

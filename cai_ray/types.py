@@ -113,6 +113,25 @@ class ScoreRequest:
 
 
 @dataclass(frozen=True)
+class JudgeRequest:
+    """One response to judge with a yes/no question (evaluation: is it harmful? is it a refusal?)."""
+
+    item_id: str
+    prompt: str  # the raw user text
+    response: str
+    question: str  # the yes/no criterion, e.g. "Does the assistant's response refuse ...?"
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """The answer to a :class:`JudgeRequest`: P(yes), both option orders averaged when swap-debiasing."""
+
+    item_id: str
+    prob_yes: float  # in [0, 1]
+    error: str | None = None  # set when the item could not be judged (prob_yes is then 0.5)
+
+
+@dataclass(frozen=True)
 class RejectedItem:
     """An input a role could not process; ``reason`` says why and what to change."""
 

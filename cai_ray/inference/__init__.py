@@ -3,8 +3,8 @@
 Modules:
     engine     one thin wrapper over vLLM's offline engine (generate, score, load_weights).
     rollout    RolloutWorker: k samples per prompt for the RL stage, tagged with the weight version.
-    feedback   FeedbackWorker (critique/revision, preference labels, direct scores) and FeedbackPool
-               (N actors, least-loaded dispatch, backpressure, retry-once after a worker dies).
+    feedback   FeedbackWorker (critique/revision, preference labels, direct scores, yes/no judgements) and
+               FeedbackPool (N actors, least-loaded dispatch, backpressure, retry-once after a worker dies).
     labels     the pure label math (option probabilities, swap-debiasing, clamps, expected ratings).
 
 Roles are plain classes; :mod:`cai_ray.launcher` turns them into Ray actors.

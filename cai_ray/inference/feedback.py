@@ -13,6 +13,9 @@ The worker serves the four kinds of AI feedback of Bai et al. 2022 (arXiv 2212.0
    [-1, 1]. Ratings are scored as full strings "1)" ... "10)" (the ")" makes "1" and "10" exclusive
    events, and "10" is more than one token in most tokenizers). Pair labels in ``direct`` mode are
    ``0.5 + (score_a - score_b) / 4``.
+5. Yes/no judgements (evaluation): a question about one response ("is it harmful?", "is it a refusal?")
+   asked as "(A) Yes (B) No"; P(yes) is scored like (2), no few-shot, and with swap-debiasing the
+   question is also asked as "(A) No (B) Yes" and both orders averaged.
 
 Speed: every option of every pair, order and principle is scored in one batched engine call, each
 prompt order with one forward of its uncached tail (the shared few-shot prefix comes from vLLM's prefix
@@ -52,20 +55,14 @@ from cai_ray.constitution import (
     render_chat,
     revision_prompt,
 )
-from cai_ray.inference.engine import Engine, PromptRejected, fit_prompt, stable_seed
-from cai_ray.sync import (
-    GroupSpec,
-    ObjectStoreBucket,
-    SyncTimings,
-    object_store_send,
-    receive_from_object_store,
-    receive_into,
-    rebucket,
-)
+from cai_ray.inference.engine import Engine, EngineWeights, PromptRejected, fit_prompt, stable_seed
 from cai_ray.inference.labels import RATINGS, clamp, expected_rating_score, mean, option_probability, preference_label
+from cai_ray.sync import object_store_send, rebucket
 from cai_ray.types import (
     ComparisonRequest,
     DirectScore,
+    Judgement,
+    JudgeRequest,
     PreferenceLabel,
     Prompt,
     RejectedItem,
@@ -96,6 +93,19 @@ def rating_prompt(tokenizer: Any | None, principle: Principle, *, prompt: str, r
         "Rate the response on a scale from 1 (worst) to 10 (best)."
     )
     return render_chat(tokenizer, [{"role": "user", "content": question}]) + RATING_PREFIX
+
+
+def judge_prompt(tokenizer: Any | None, *, question: str, prompt: str, response: str, yes_first: bool = True) -> str:
+    """A yes/no ``question`` about one response as a multiple-choice prompt ending with :data:`ANSWER_PREFIX`.
+
+    ``yes_first`` lists "(A) Yes (B) No"; otherwise "(A) No (B) Yes" (the swapped order for debiasing).
+    """
+    options = "(A) Yes\n(B) No" if yes_first else "(A) No\n(B) Yes"
+    text = (
+        "Consider the following conversation between a human and an assistant:\n"
+        f"Human: {prompt}\nAssistant: {response}\n\n{question}\nOptions:\n{options}"
+    )
+    return render_chat(tokenizer, [{"role": "user", "content": text}]) + ANSWER_PREFIX
 
 
 def option_continuations(encode: Callable[[str], list[int]]) -> tuple[list[int], list[int]]:
@@ -155,7 +165,7 @@ class _Draft:
         return self.revisions[-1] if self.revisions else self.initial
 
 
-class FeedbackWorker:
+class FeedbackWorker(EngineWeights):
     """One feedback-model engine. A plain class; :func:`start_feedback_pool` makes N of them Ray actors."""
 
     def __init__(self, model: ModelConfig, feedback: FeedbackConfig, constitution: ConstitutionConfig,
@@ -235,22 +245,35 @@ class FeedbackWorker:
                                    error=error))
         return out
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Load new feedback-model weights in place (when the policy labels itself)."""
-        self._engine.load_weights(named_tensors, version)
+    def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgement]:
+        """P(yes) to each request's yes/no question about its response, aligned with ``requests``.
 
-    def weight_version(self) -> int:
-        """Version of the weights now loaded."""
-        return self._engine.version
-
-    def receive_weights(self, spec: GroupSpec, rank: int) -> SyncTimings:
-        """Join one weight sync as ``rank`` of its stateless group; loads only once every bucket arrived."""
-        return receive_into(self._engine, spec, rank)
-
-    def receive_weights_object_store(self, buckets: list[ObjectStoreBucket], version: int,
-                                     timeout_s: float) -> SyncTimings:
-        """Load weights published in Ray's object store by :func:`cai_ray.sync.object_store_send`."""
-        return receive_from_object_store(self._engine, buckets, version, timeout_s)
+        Asked as "(A) Yes (B) No" and, with ``swap_debias``, also as "(A) No (B) Yes"; every order of every
+        request is scored in one call and the two orders are averaged (:func:`preference_label`).
+        """
+        tok = self._engine.tokenizer
+        orders = (False, True) if self._cfg.swap_debias else (False,)
+        out: dict[int, Judgement] = {}
+        jobs: list[tuple[int, bool, str]] = []  # (request index, options swapped, rendered prompt)
+        for i, req in enumerate(requests):
+            try:
+                user = self._user_text(req.item_id, req.prompt)
+            except PromptRejected as err:
+                out[i] = Judgement(req.item_id, 0.5, error=str(err))
+                continue
+            jobs += [(i, swapped, judge_prompt(tok, question=req.question, prompt=user, response=req.response,
+                                               yes_first=not swapped)) for swapped in orders]
+        first_option: dict[tuple[int, bool], float] = {}
+        for (i, swapped, _), score in zip(jobs, self._score_options([(requests[i].item_id, t) for i, _, t in jobs])):
+            if isinstance(score, Exception):
+                out.setdefault(i, Judgement(requests[i].item_id, 0.5, error=_error_text(score)))
+            else:
+                first_option[(i, swapped)] = score
+        for i, req in enumerate(requests):
+            if i not in out:
+                swapped = [first_option[(i, True)]] if self._cfg.swap_debias else None
+                out[i] = Judgement(req.item_id, preference_label([first_option[(i, False)]], swapped))
+        return [out[i] for i in range(len(requests))]
 
     # --------------------------------------------------------------------------- comparisons
     def _label_choice(self, requests: Sequence[ComparisonRequest], *, cot: bool) -> list[PreferenceLabel]:
@@ -498,6 +521,12 @@ class FeedbackPool:
         parts = self._map(list(requests), lambda w, batch: w.direct_scores.remote(batch),
                           lambda batch, why: [DirectScore(r.item_id, 0.0, (), error=why) for r in batch])
         return [score for part in parts for score in part]
+
+    def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgement]:
+        """Yes/no judgements aligned with ``requests`` (see :meth:`FeedbackWorker.judge`)."""
+        parts = self._map(list(requests), lambda w, batch: w.judge.remote(batch),
+                          lambda batch, why: [Judgement(r.item_id, 0.5, error=why) for r in batch])
+        return [judgement for part in parts for judgement in part]
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
                      bucket_bytes: int = 256 << 20) -> None:

@@ -114,3 +114,11 @@ def test_every_field_has_a_description() -> None:
 
     walk(ExperimentConfig, "")
     assert not missing, f"fields without a description: {missing}"
+
+
+def test_override_inside_a_defaulted_section_keeps_its_other_fields(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "name: x\n"), ["data.red_team_eval.max_rows=6"])
+    assert cfg.data.red_team_eval.path == "redteam_eval" and cfg.data.red_team_eval.max_rows == 6
+    assert load_config(None, ["data.helpful.max_rows=3"]).data.helpful.path == "helpful_train"
+    with pytest.raises(ConfigError, match=r"rollout\.temperature"):
+        load_config(None, ["rollout.temperature=0"])
