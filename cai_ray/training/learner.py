@@ -424,7 +424,7 @@ class LearnerWorker:
             ds.save_hf(self.preference.module, str(root / "preference_hf"), rank=self.rank,
                        tokenizer_from=self.paths["preference"])
         (root / "rng").mkdir(parents=True, exist_ok=True)
-        torch.save(_rng_state(), root / "rng" / f"rank{self.rank}.pt")
+        _save_rng_state(root / "rng" / f"rank{self.rank}")
         torch.distributed.barrier()
 
     def load_checkpoint(self, path: str) -> None:
@@ -434,7 +434,7 @@ class LearnerWorker:
             load_path, _ = engine.load_checkpoint(str(root / name), tag="state")
             if load_path is None:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint for {name} under {root / name}")
-        _set_rng_state(torch.load(root / "rng" / f"rank{self.rank}.pt", weights_only=False))
+        _load_rng_state(root / "rng" / f"rank{self.rank}")
 
 
 def _pad_id(config: Any) -> int:
@@ -448,20 +448,39 @@ def _pad_id(config: Any) -> int:
     return 0
 
 
-def _rng_state() -> dict[str, Any]:
-    import numpy as np
+def _save_rng_state(stem: Path) -> None:
+    """RNG states without pickle: torch generators as safetensors, Python's and NumPy's as JSON."""
+    import json
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    import numpy as np
+    from safetensors.torch import save_file
+
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors |= {f"cuda{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())}
+    save_file(tensors, f"{stem}.safetensors")
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    stem.with_suffix(".json").write_text(json.dumps({
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }))
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _load_rng_state(stem: Path) -> None:
+    """Restore what :func:`_save_rng_state` wrote."""
+    import json
+
     import numpy as np
+    from safetensors.torch import load_file
 
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    tensors = load_file(f"{stem}.safetensors")
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    raw = json.loads(stem.with_suffix(".json").read_text())
+    version, internal, gauss = raw["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = raw["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
