@@ -4,10 +4,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.cai-ray-installed
+BENCH_STAMP := $(VENV)/.cai-ray-bench-installed
 # Outside machines with a local CPU torch wheel, pull the CPU build from PyTorch's index:
 #   make install PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu"
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: install demo test test-fast bench clean
 
@@ -37,8 +39,14 @@ test: install
 test-fast: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-bench: install
-	$(PY) -m benchmarks.run
+# The throughput suite (JSON + PNG under benchmarks/results/). TRL (peer comparison) comes from the bench
+# extra; '.[bench]' alone, so pip does not bring back what the install step removed. Smoke: BENCH_ARGS=--quick
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install $(PIP_EXTRA) -e '.[bench]'
+	touch $(BENCH_STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

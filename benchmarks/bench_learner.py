@@ -8,27 +8,24 @@ cross-entropy with ignore_index, ``backward``/``step``), timed inside rank 0 bet
 Both see the same rows per rank and count real (non-pad) tokens. After a warm-up, A and B alternate
 (A B A B ...) and the JSON reports every repetition, min/median/max and the median ratio A/B.
 
-    python benchmarks/bench_learner.py [--quick] [--model tiny-random-llama] [--reps 7] [--zero-stage 2]
+    python -m benchmarks.bench_learner [--quick] [--model tiny-random-llama] [--reps 7] [--zero-stage 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import json
-import os
-import platform
 import random
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import RESULTS_DIR, command_line, summary, write_result  # noqa: E402
 from cai_ray import launcher  # noqa: E402
 from cai_ray.config import ClusterConfig, LearnerConfig, ModelConfig, ModelsConfig  # noqa: E402
 from cai_ray.types import TrainSequence  # noqa: E402
@@ -94,40 +91,6 @@ def make_batch(num_rows: int, *, vocab: int, prompt_len: tuple[int, int], respon
             for _ in range(num_rows)]
 
 
-def machine_info() -> dict[str, Any]:
-    flags: list[str] = []
-    model_name = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model_name in ("", platform.processor()):
-                model_name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "sse4"))]
-                break
-    except OSError:
-        pass
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu_count": os.cpu_count(), "cpu_model": model_name, "cpu_flags": flags, "ram_gib": round(ram, 1),
-            "gpu": gpu, "platform": platform.platform(), "python": platform.python_version()}
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for dist in ("torch", "deepspeed", "ray", "transformers", "cai-ray"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Tiny smoke run (numbers not quotable).")
@@ -138,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows-per-rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="Optimizer steps per repetition.")
     parser.add_argument("--warmup", type=int, default=5, help="Untimed steps of each side before timing.")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/learner_<model>.json).")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="Folder for the JSON result.")
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.steps, args.warmup, args.rows_per_rank = min(args.reps, 2), 2, 1, 2
@@ -198,14 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for p in plain:
             ray.kill(p)
 
-    result = {
-        "benchmark": "learner_sft_step_vs_plain_deepspeed",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None
-        else " ".join(shlex.quote(a) for a in [sys.executable, __file__, *argv]),
-        "quick": args.quick,
-        "machine": machine_info(),
-        "versions": versions(),
+    result: dict[str, Any] = {
+        "comparison": "LearnerGroup.sft_step vs a plain DeepSpeed loop",
         "config": {"model": args.model, "model_path": model_path, "zero_stage": args.zero_stage,
                    "num_ranks": args.num_ranks, "rows_per_rank": args.rows_per_rank,
                    "tokens_per_step": tokens_per_step, "steps_per_rep": args.steps, "warmup_steps": args.warmup,
@@ -216,11 +173,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio": summary([r["ratio"] for r in reps]),
         "median_ratio": statistics.median(r["ratio"] for r in reps),
     }
-    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results" /
-                                          f"learner_{Path(args.model).name}_zero{args.zero_stage}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"median ratio learner/plain = {result['median_ratio']:.3f}  ->  {out}")
+    path = write_result(f"learner-zero{args.zero_stage}", result, quick=args.quick, out_dir=Path(args.out),
+                        command=command_line("benchmarks.bench_learner", argv))
+    result["json"] = str(path)
+    print(f"median ratio learner/plain = {result['median_ratio']:.3f}  ->  {path}")
     return result
 
 

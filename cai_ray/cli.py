@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from cai_ray.config import ConfigError, dump_config, load_config
 from cai_ray.constitution import ConstitutionError, load_constitution
@@ -52,10 +54,50 @@ def _run_stages(args: argparse.Namespace, *, sl: bool, rl: bool) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from cai_ray.evaluation import PLOT_FILE, REPORT_FILE, evaluate, format_table, parse_checkpoints, run_checkpoints
+    from cai_ray.pipelines.run import run_dir_for
+
+    cfg = load_config(args.config, args.set)
+    extra = parse_checkpoints(args.checkpoint)
+    run_dir = args.run_dir
+    if run_dir is None and not extra and run_dir_for(cfg).is_dir():
+        run_dir = str(run_dir_for(cfg))  # `cai-ray eval -c C` right after `cai-ray run -c C`
+    checkpoints, preference_model = run_checkpoints(run_dir, cfg.models.policy.name) if run_dir else ({}, None)
+    if not checkpoints and not extra:
+        checkpoints = {"base": cfg.models.policy.name}
+    clash = sorted(set(checkpoints) & set(extra))
+    if clash:
+        raise ConfigError(f"--checkpoint {clash[0]}=...: '{clash[0]}' is already taken by --run-dir; rename it")
+    out = Path(args.out) if args.out else Path(run_dir or run_dir_for(cfg)) / "eval"
+    report = evaluate(cfg, checkpoints | extra, out_dir=out,
+                      preference_model=args.preference_model or preference_model)
+    print(format_table(report))
+    print(f"report: {out / REPORT_FILE}\nplot: {out / PLOT_FILE}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from cai_ray.demo import run_demo
 
     return run_demo(args.config, args.set)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "benchmarks" / "run.py").is_file():
+        print("error: cai-ray bench needs a source checkout (benchmarks/ is not installed with the package)",
+              file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(repo))
+    from benchmarks.run import main as run_bench
+
+    argv = ["--quick"] if args.quick else []
+    for flag, value in (("--only", args.only), ("--model", args.model), ("--reps", args.reps), ("--out", args.out)):
+        if value is not None:
+            argv += [flag, str(value)]
+    suite = run_bench(argv, command=shlex.join(["cai-ray", "bench", *argv]))
+    return 1 if any(p["status"] == "failed" for p in suite["parts"].values()) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
         with_config(p)
         p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
         p.set_defaults(func=lambda a, st=stages: _run_stages(a, sl=st[0], rl=st[1]))
+
+    ev = sub.add_parser("eval", help="harmlessness, over-refusal and win-rates of policy checkpoints")
+    with_config(ev)
+    ev.add_argument("--checkpoint", action="append", default=[], metavar="NAME=MODEL",
+                    help="a policy to evaluate: HF folder, hub id or built-in name (repeatable, in order)")
+    ev.add_argument("--run-dir", help="add the run's checkpoints: base (the config's policy), sl, rl, and its "
+                                      "preference model (default: the config's run folder, if it exists and no "
+                                      "--checkpoint is given)")
+    ev.add_argument("--preference-model", help="a saved preference-model folder to score responses with")
+    ev.add_argument("--out", help="output folder for eval.json / eval.png (default: RUN/eval)")
+    ev.set_defaults(func=_eval)
+
+    bench = sub.add_parser("bench", help="throughput benchmark suite (JSON + PNG under benchmarks/results/)")
+    bench.add_argument("--quick", action="store_true", help="smoke every part with tiny sizes (numbers not quoted)")
+    bench.add_argument("--only", default=None,
+                       help="comma-separated parts (default all): inference, learner, sync, loop, scaling, peer")
+    bench.add_argument("--model", default=None, help="model for every part (default: each part's own)")
+    bench.add_argument("--reps", type=int, default=None, help="repetitions for every part (default: each part's own)")
+    bench.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
+    bench.set_defaults(func=_bench)
 
     demo = sub.add_parser("demo", help="run the embedded default end to end")
     with_config(demo, required=False)

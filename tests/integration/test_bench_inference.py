@@ -20,14 +20,15 @@ def test_bench_inference_quick_writes_json(ray_local: None, tiny_model_path: str
     spec.loader.exec_module(bench)
 
     # In-process: reuses the session's Ray; --niceness keep leaves the test process's priority alone.
-    path = bench.main(["--quick", "--niceness", "keep", "--out", str(tmp_path)])
-    result = json.loads(Path(path).read_text())
+    returned = bench.main(["--quick", "--niceness", "keep", "--out", str(tmp_path)])
+    result = json.loads(Path(returned["json"]).read_text())
+    assert result["rollout"] == returned["rollout"] and result["labels"] == returned["labels"]
 
     assert result["benchmark"] == "inference" and result["quick"] is True
-    assert "bench_inference.py --quick" in result["command"]
+    assert "benchmarks.bench_inference --quick" in result["command"]
     machine = result["machine"]
     assert machine["logical_cores"] >= 1 and machine["ram_gib"] > 0 and isinstance(machine["cpu_flags"], list)
-    assert {"torch", "ray", "transformers"} <= set(machine["packages"])
+    assert {"torch", "ray", "transformers"} <= set(result["packages"])
     assert set(result["settings"]["niceness"]) == {"actors", "baselines"}
     reps = result["settings"]["reps"]
     rollout, labels = result["rollout"], result["labels"]

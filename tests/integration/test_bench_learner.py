@@ -15,15 +15,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_learner_quick_writes_json(tmp_path):
-    out = tmp_path / "learner.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_learner.py"), "--quick", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_learner.py"), "--quick",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    [out] = tmp_path.glob("learner-zero2-quick-*.json")
     result = json.loads(out.read_text())
     assert result["quick"] is True
-    assert {"cpu_count", "ram_gib", "cpu_flags"} <= result["machine"].keys()
-    assert {"torch", "deepspeed", "ray", "transformers"} <= result["versions"].keys()
+    assert {"logical_cores", "ram_gib", "cpu_flags"} <= result["machine"].keys()
+    assert {"torch", "deepspeed", "ray", "transformers"} <= result["packages"].keys()
     assert "bench_learner.py" in result["command"] and "--quick" in result["command"]
     assert len(result["repetitions"]) == result["config"]["reps"] >= 1
     for rep in result["repetitions"]:

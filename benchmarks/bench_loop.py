@@ -1,0 +1,208 @@
+"""End-to-end RL-CAI iteration time by phase: the synchronous vs the asynchronous schedule, in one run.
+
+The quickstart loop (configs/quickstart-cpu.yaml: tiny model, SL skipped so RL starts from the built-in
+policy, online DPO from AI labels, the policy labelling itself) runs ``--iterations`` iterations with
+``schedule.mode=sync`` and with ``async``, alternating whole runs (sync, async, sync, async, ...) for
+``--reps`` runs each. Every run drops its first ``--warmup`` iterations (first-call warm-ups) and its last
+(it also saves the end-of-run checkpoint; mid-run checkpoints are off).
+
+Per iteration it records
+  wall    seconds between the run's consecutive metrics records: all the controller does in an
+          iteration, untimed bookkeeping included (start-up is excluded);
+  phases  the loop's own ``timing/<phase>``: generate, label, pm_update, policy_update, idle (async: waiting
+          for the overlapped generation to end before the weight sync), sync, checkpoint (label files).
+It reports per-phase medians, each schedule's median iteration time, their ratio (paired by repetition),
+and the async target
+  async_iteration <= 1.15 * max(generate, train),   train = label + pm_update + policy_update + sync,
+with generate and train taken from the sync runs' medians: in sync mode nothing overlaps, so those are
+each phase's own cost (in async mode generation hides behind training and its timer sees only the wait).
+
+    python -m benchmarks.bench_loop [--quick] [--model tiny-random-llama] [--reps 3] [--iterations 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS_DIR, command_line, summary, write_result  # noqa: E402
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart-cpu.yaml"
+PHASES = ("generate", "label", "pm_update", "policy_update", "idle", "sync", "checkpoint")  # the loop's timers
+TRAIN_PHASES = ("label", "pm_update", "policy_update", "sync")
+ASYNC_TARGET = 1.15
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_loop_args(p)
+    p.add_argument("--reps", type=int, default=3, help="runs of each schedule (alternating)")
+    p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON and PNG")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.reps, args.iterations, args.prompts, args.max_new_tokens = 1, 3, 4, 16
+    check_loop_args(args)
+    return args
+
+
+def add_loop_args(p: argparse.ArgumentParser) -> None:
+    """Options shared with bench_peer (the same loop on the same work)."""
+    p.add_argument("--quick", action="store_true", help="smallest run that exercises the code; numbers not quoted")
+    p.add_argument("--model", default="tiny-random-llama", help="model reference (built-in, folder or hub id)")
+    p.add_argument("--iterations", type=int, default=8, help="loop iterations per run")
+    p.add_argument("--warmup", type=int, default=1, help="first iterations of each run left out")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per iteration")
+    p.add_argument("--samples", type=int, default=2, help="responses per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest response")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def check_loop_args(args: argparse.Namespace) -> None:
+    if args.warmup < 1:
+        raise SystemExit("--warmup must be >= 1: iteration 0 has no previous record to time it from")
+    if args.iterations < args.warmup + 2:
+        raise SystemExit(f"--iterations ({args.iterations}) must be at least --warmup + 2: the warm-up and the "
+                         "last iteration (end-of-run checkpoint) are not measured")
+
+
+def loop_config(args: argparse.Namespace, *overrides: str) -> Any:
+    """The quickstart config on this benchmark's work (model, prompts, samples, lengths, iterations)."""
+    from cai_ray.config import load_config
+
+    return load_config(QUICKSTART, [
+        f"models.policy.name={args.model}", f"seed={args.seed}",
+        f"schedule.num_iterations={args.iterations}", f"schedule.num_prompts_per_iteration={args.prompts}",
+        f"rollout.num_samples_per_prompt={args.samples}", f"rollout.max_new_tokens={args.max_new_tokens}",
+        f"schedule.checkpoint_every={10**6}",  # no mid-run checkpoints (the final one comes after the last record)
+        "logging.wandb_mode=disabled", "logging.progress=false", "cluster.num_cpus=8", *overrides,
+    ])
+
+
+def run_loop(cfg: Any, *, warmup: int) -> dict[str, Any]:
+    """Run ``rl_cai`` once in a scratch folder; per-iteration wall time and phases, which ones are measured."""
+    from cai_ray.metrics import read_metrics
+    from cai_ray.pipelines.rl_cai import rl_cai
+
+    with tempfile.TemporaryDirectory(prefix="cai-ray-bench-loop-") as tmp:
+        start = time.time()
+        history = rl_cai(cfg, Path(tmp))
+        stamps = [m["time"] for m in read_metrics(Path(tmp) / "metrics.jsonl")]
+    iterations = []
+    for i, m in enumerate(history):
+        phases = {k.removeprefix("timing/"): v for k, v in m.items() if k.startswith("timing/")}
+        wall = stamps[i] - stamps[i - 1] if i else None
+        iterations.append({"iteration": i, "measured": warmup <= i < len(history) - 1, "wall_s": wall,
+                           "phases_s": phases, "other_s": wall - sum(phases.values()) if wall is not None else None,
+                           "samples": m["samples/count"], "labels": m["labels/count"]})
+    measured = [it for it in iterations if it["measured"]]
+    return {"startup_and_first_iteration_s": stamps[0] - start, "iterations": iterations,
+            "median_iteration_s": statistics.median(it["wall_s"] for it in measured)}
+
+
+def phase_medians(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Median of each phase (and of the untimed rest) over the measured iterations of ``runs``."""
+    measured = [it for run in runs for it in run["iterations"] if it["measured"]]
+    names = list(PHASES) + sorted({p for it in measured for p in it["phases_s"]} - set(PHASES))
+    out = {p: statistics.median(it["phases_s"].get(p, 0.0) for it in measured) for p in names}
+    out["other"] = statistics.median(it["other_s"] for it in measured)
+    out["train"] = statistics.median(sum(it["phases_s"].get(p, 0.0) for p in TRAIN_PHASES) for it in measured)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the result (also written as JSON + PNG under ``--out``)."""
+    args = parse_args(argv)
+    from cai_ray.launcher import init_ray
+    from cai_ray.models import resolve_model
+
+    resolve_model(args.model)  # build / convert once, outside any timing
+    configs = {mode: loop_config(args, f"schedule.mode={mode}") for mode in ("sync", "async")}
+    init_ray(configs["sync"].cluster)
+    runs: dict[str, list[dict[str, Any]]] = {"sync": [], "async": []}
+    for rep in range(args.reps):
+        for mode, cfg in configs.items():
+            run = run_loop(cfg, warmup=args.warmup)
+            runs[mode].append(run)
+            print(f"rep {rep} {mode}: median iteration {run['median_iteration_s']:.3f}s", flush=True)
+
+    phases = {mode: phase_medians(r) for mode, r in runs.items()}
+    iteration = {mode: [r["median_iteration_s"] for r in rs] for mode, rs in runs.items()}
+    generate, train = phases["sync"]["generate"], phases["sync"]["train"]
+    async_iter = statistics.median(iteration["async"])
+    result: dict[str, Any] = {
+        "settings": {"model": args.model, "algorithm": configs["sync"].learner.algorithm, "reps": args.reps,
+                     "iterations_per_run": args.iterations, "warmup_iterations": args.warmup,
+                     "prompts_per_iteration": args.prompts, "samples_per_prompt": args.samples,
+                     "max_new_tokens": args.max_new_tokens, "seed": args.seed, "base_config": str(QUICKSTART),
+                     "threads_per_actor": configs["sync"].rollout.resources.num_cpus,
+                     "config_sync": configs["sync"].model_dump(mode="json")},
+        "definitions": {
+            "wall_s": "seconds between consecutive metrics records of a run (one whole iteration)",
+            "measured": "iterations after --warmup, except the last (it saves the end-of-run checkpoint)",
+            "other": "wall_s minus the sum of the timed phases (untimed controller work)",
+            "train": "label + pm_update + policy_update + sync (per iteration, median)",
+            "async_target": "median async iteration <= 1.15 * max(generate, train), generate and train being "
+                            "the sync runs' phase medians (the phases' own costs, nothing overlapped)",
+            "median_ratio_async_vs_sync": "median over repetitions of async / sync median iteration time "
+                                          "(below 1: async is faster)",
+        },
+        "runs": runs,
+        "phase_medians_s": phases,
+        "iteration_s": {mode: summary(v) for mode, v in iteration.items()},
+        "median_ratio_async_vs_sync": statistics.median(a / s for a, s in zip(iteration["async"], iteration["sync"])),
+        "async_target": {"generate_s": generate, "train_s": train, "max_s": max(generate, train),
+                         "bound_s": ASYNC_TARGET * max(generate, train), "async_iteration_s": async_iter,
+                         "ratio_to_max": async_iter / max(generate, train), "target": ASYNC_TARGET,
+                         "met": async_iter <= ASYNC_TARGET * max(generate, train)},
+    }
+    path = write_result("loop", result, quick=args.quick, out_dir=Path(args.out),
+                        command=command_line("benchmarks.bench_loop", argv))
+    plot(result, path.with_suffix(".png"))
+    result["json"] = str(path)
+    t = result["async_target"]
+    print(f"iteration sync {statistics.median(iteration['sync']):.3f}s, async {async_iter:.3f}s "
+          f"(ratio {result['median_ratio_async_vs_sync']:.3f}); async / max(generate {generate:.3f}, "
+          f"train {train:.3f}) = {t['ratio_to_max']:.3f} (target <= {ASYNC_TARGET}) -> {path}")
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Stacked median phases per schedule, with the async bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    modes = ["sync", "async"]
+    bottom = [0.0, 0.0]
+    for phase in [p for p in result["phase_medians_s"]["sync"] if p != "train"]:
+        values = [max(result["phase_medians_s"][m].get(phase, 0.0), 0.0) for m in modes]
+        ax.bar(modes, values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.scatter(modes, [result["iteration_s"][m]["median"] for m in modes], color="black", zorder=3,
+               label="median iteration (wall)")
+    t = result["async_target"]
+    ax.axhline(t["max_s"], color="grey", linestyle=":", label="max(generate, train)")
+    ax.axhline(t["bound_s"], color="red", linestyle="--", label=f"async target {t['target']} x max")
+    ax.set_ylabel("seconds per iteration (median)")
+    s = result["settings"]
+    ax.set_title(f"RL-CAI iteration by phase ({s['model']}, {s['prompts_per_iteration']}x{s['samples_per_prompt']} "
+                 f"samples, {s['max_new_tokens']} tokens)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
