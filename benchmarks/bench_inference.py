@@ -32,8 +32,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (  # noqa: E402
-    RESULTS_DIR, alternate, command_line, match_actor_niceness, summary, write_result)
+from benchmarks.common import RESULTS_DIR, alternate, command_line, match_actor_niceness, summary, write_result  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

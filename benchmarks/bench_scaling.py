@@ -159,8 +159,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if ray.is_initialized():
         raise SystemExit("bench_scaling starts its own multi-node Ray: run it in a fresh process "
                          "(python -m benchmarks.bench_scaling), not next to another Ray session")
-    from cai_ray.config import ClusterConfig, ConstitutionConfig, DataConfig, EngineConfig, FeedbackConfig
-    from cai_ray.config import ModelConfig, ResourcesConfig, RolloutConfig
+    from cai_ray.config import (
+        ClusterConfig,
+        ConstitutionConfig,
+        DataConfig,
+        EngineConfig,
+        FeedbackConfig,
+        ModelConfig,
+        ResourcesConfig,
+        RolloutConfig,
+    )
     from cai_ray.data import load_prompts
     from cai_ray.inference.feedback import start_feedback_pool
     from cai_ray.inference.rollout import start_rollout_workers

@@ -107,18 +107,24 @@ class Roles:
 
 
 def start_roles(cfg: ExperimentConfig) -> Roles:
-    """Start the learner group, rollout workers and feedback pool; on any failure stop what started."""
-    learner = LearnerGroup(cfg.learner, cfg.models, cfg.cluster, seed=cfg.seed,
-                           roles=LearnerRoles(reference=True, preference_model=True,
-                                              critic=cfg.learner.algorithm == "ppo"))
-    rollout: RolloutWorkers | None = None
-    try:
-        rollout = start_rollout_workers(cfg.models.policy, cfg.rollout, cfg.data, cfg.cluster, seed=cfg.seed)
-        feedback = start_feedback_pool(cfg.models.resolved_feedback(), cfg.feedback, cfg.constitution, cfg.data,
-                                       cfg.cluster, seed=cfg.seed)
-    except BaseException:
-        if rollout is not None:
-            rollout.shutdown()
-        learner.shutdown()
-        raise
-    return Roles(cfg, rollout, feedback, learner)
+    """Start the learner group, rollout workers and feedback pool together; on any failure stop what started."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    # The three start-ups mostly wait (imports, engine and DeepSpeed init inside their actors): overlap them.
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="start-roles") as threads:
+        futures = {
+            "learner": threads.submit(
+                LearnerGroup, cfg.learner, cfg.models, cfg.cluster, seed=cfg.seed,
+                roles=LearnerRoles(reference=True, preference_model=True, critic=cfg.learner.algorithm == "ppo")),
+            "rollout": threads.submit(start_rollout_workers, cfg.models.policy, cfg.rollout, cfg.data, cfg.cluster,
+                                      seed=cfg.seed),
+            "feedback": threads.submit(start_feedback_pool, cfg.models.resolved_feedback(), cfg.feedback,
+                                       cfg.constitution, cfg.data, cfg.cluster, seed=cfg.seed),
+        }
+    started = {name: f.result() for name, f in futures.items() if f.exception() is None}
+    failed = [(name, f.exception()) for name, f in futures.items() if f.exception() is not None]
+    if failed:
+        for role in started.values():
+            role.shutdown()
+        raise failed[0][1]
+    return Roles(cfg, started["rollout"], started["feedback"], started["learner"])

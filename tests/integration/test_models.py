@@ -67,6 +67,8 @@ def test_unknown_references_fail_clearly(tmp_path: Path, monkeypatch: pytest.Mon
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="has no config.json"):
         resolve_model(str(tmp_path / "empty"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: patch the constant
     with pytest.raises(ModelNotFoundError, match="not a built-in .* hub could not provide it"):
         resolve_model("someone/not-a-real-model-xyz")

@@ -43,12 +43,20 @@ def _check_history(history: list[dict[str, float]], iterations: int) -> None:
     assert [m["weight_version"] for m in history] == [float(i + 1) for i in range(iterations)]
 
 
-def test_sync_loop_from_sl_policy(sl_policy: str, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def uninterrupted(sl_policy: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, list]:
+    """Two synchronous iterations from the SL policy, checkpointing every iteration."""
     from cai_ray.pipelines.rl_cai import rl_cai
     from cai_ray.pipelines.run import run_dir_for
 
-    cfg = quickstart(tmp_path, f"models.policy.name={sl_policy}")
-    history = rl_cai(cfg, run_dir_for(cfg))
+    cfg = quickstart(tmp_path_factory.mktemp("full"), f"models.policy.name={sl_policy}")
+    return cfg, rl_cai(cfg, run_dir_for(cfg))
+
+
+def test_sync_loop_from_sl_policy(uninterrupted: tuple[ExperimentConfig, list]) -> None:
+    from cai_ray.pipelines.run import run_dir_for
+
+    cfg, history = uninterrupted
     _check_history(history, 2)
     assert read_metrics(run_dir_for(cfg) / "metrics.jsonl")[-1]["iteration"] == 1
     assert (run_dir_for(cfg) / "labels" / "iter_0001.jsonl").is_file()
@@ -67,21 +75,21 @@ def test_async_loop_drops_nothing_within_staleness(sl_policy: str, tmp_path: Pat
     assert all(m["timing/idle"] >= 0 and m["timing/checkpoint"] >= 0 for m in history)
 
 
-def test_resume_reproduces_uninterrupted_run(ray_local: None, tmp_path: Path) -> None:
+def test_resume_reproduces_uninterrupted_run(uninterrupted: tuple[ExperimentConfig, list], sl_policy: str,
+                                             tmp_path: Path) -> None:
     from cai_ray.pipelines.rl_cai import rl_cai
     from cai_ray.pipelines.run import run_dir_for
 
-    full = quickstart(tmp_path / "full")
-    uninterrupted = rl_cai(full, run_dir_for(full))
-    part = quickstart(tmp_path / "part", "schedule.num_iterations=1")
+    _, full = uninterrupted
+    part = quickstart(tmp_path, f"models.policy.name={sl_policy}", "schedule.num_iterations=1")
     rl_cai(part, run_dir_for(part))
-    resumed_cfg = quickstart(tmp_path / "part")  # same run folder, 2 iterations
+    resumed_cfg = quickstart(tmp_path, f"models.policy.name={sl_policy}")  # same run folder, 2 iterations
     resumed = rl_cai(resumed_cfg, run_dir_for(resumed_cfg), resume=True)
     assert [int(m["iteration"]) for m in resumed] == [1]
     keys = ["reward/mean", "pm_fresh/accuracy", "pm_fresh/loss", "loss/pm", "loss/dpo", "labels/prob_a_mean",
             "response/length_mean"]
     for key in keys:
-        assert resumed[0][key] == pytest.approx(uninterrupted[1][key], rel=1e-4, abs=1e-5), key
+        assert resumed[0][key] == pytest.approx(full[1][key], rel=1e-4, abs=1e-5), key
 
 
 def test_killed_rollout_and_feedback_actors_lose_no_work(ray_local: None, tmp_path: Path) -> None:
