@@ -24,7 +24,7 @@ the data config. The engine only receives :class:`ModelConfig` and :class:`Engin
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -259,3 +259,40 @@ class EngineWeights:
                                      timeout_s: float) -> SyncTimings:
         """Load weights published in Ray's object store by :func:`cai_ray.sync.object_store_send`."""
         return receive_from_object_store(self._engine, buckets, version, timeout_s)
+
+
+def start_engine_actors(cls: type, *, role: str, num_workers: int, engine: EngineConfig, resources: Any,
+                        cluster: Any, max_restarts: int, args: Callable[[int], tuple[tuple, dict]]) -> tuple[list, Any]:
+    """Start ``num_workers`` engine-owning actors of ``cls`` in one placement group; wait until each answers.
+
+    ``args(i)`` gives actor i's constructor (args, kwargs). Each actor's bundle is ``resources``; a pending
+    group is what asks an autoscaler for nodes. Tensor parallelism runs inside one actor, so its bundle must
+    hold that many GPUs. An engine that cannot start (bad model, too little memory) fails here, by name, and
+    the actors already started are stopped.
+    """
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    from cai_ray.launcher import bundle, get_all, reserve, spawn
+
+    tp = engine.tensor_parallel_size
+    if tp > 1 and resources.num_gpus < tp:
+        raise ValueError(
+            f"{role}.engine.tensor_parallel_size={tp} needs {role}.resources.num_gpus >= {tp} "
+            f"(got {resources.num_gpus}); tensor parallelism runs inside one actor's bundle"
+        )
+    pg = reserve([bundle(resources)] * num_workers, strategy=cluster.placement_strategy,
+                 timeout_s=cluster.placement_timeout_s, name=role)
+    workers = []
+    try:
+        for i in range(num_workers):
+            a, kw = args(i)
+            workers.append(spawn(cls, *a, **kw, resources=resources, pg=pg, bundle_index=i, max_restarts=max_restarts))
+        get_all([w.weight_version.remote() for w in workers], timeout_s=cluster.remote_call_timeout_s,
+                names=[f"{role} worker {i}" for i in range(num_workers)])
+    except BaseException:
+        for w in workers:
+            ray.kill(w, no_restart=True)
+        remove_placement_group(pg)
+        raise
+    return workers, pg

@@ -55,7 +55,14 @@ from cai_ray.constitution import (
     render_chat,
     revision_prompt,
 )
-from cai_ray.inference.engine import Engine, EngineWeights, PromptRejected, fit_prompt, stable_seed
+from cai_ray.inference.engine import (
+    Engine,
+    EngineWeights,
+    PromptRejected,
+    fit_prompt,
+    stable_seed,
+    start_engine_actors,
+)
 from cai_ray.inference.labels import RATINGS, clamp, expected_rating_score, mean, option_probability, preference_label
 from cai_ray.sync import object_store_send, rebucket
 from cai_ray.types import (
@@ -732,21 +739,8 @@ def start_feedback_pool(model: ModelConfig, feedback: FeedbackConfig, constituti
 
     All workers share ``seed``, so any worker (or a retry) produces the same labels for an item.
     """
-    from cai_ray.launcher import bundle, get_all, reserve, spawn
-
-    tp = feedback.engine.tensor_parallel_size
-    if tp > 1 and feedback.resources.num_gpus < tp:
-        raise ValueError(
-            f"feedback.engine.tensor_parallel_size={tp} needs feedback.resources.num_gpus >= {tp} "
-            f"(got {feedback.resources.num_gpus}); tensor parallelism runs inside one actor's bundle"
-        )
-    pg = reserve([bundle(feedback.resources)] * feedback.num_workers, strategy=cluster.placement_strategy,
-                 timeout_s=cluster.placement_timeout_s, name="feedback")
-    workers = [
-        spawn(FeedbackWorker, model, feedback, constitution, data, seed=seed, resources=feedback.resources, pg=pg,
-              bundle_index=i, max_restarts=feedback.max_restarts)
-        for i in range(feedback.num_workers)
-    ]
-    get_all([w.weight_version.remote() for w in workers], timeout_s=cluster.remote_call_timeout_s,
-            names=[f"feedback worker {i}" for i in range(len(workers))])
+    workers, pg = start_engine_actors(
+        FeedbackWorker, role="feedback", num_workers=feedback.num_workers, engine=feedback.engine,
+        resources=feedback.resources, cluster=cluster, max_restarts=feedback.max_restarts,
+        args=lambda i: ((model, feedback, constitution, data), {"seed": seed}))
     return FeedbackPool(workers, feedback, call_timeout_s=cluster.remote_call_timeout_s, placement_group=pg)

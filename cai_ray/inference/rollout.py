@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from cai_ray.config import ClusterConfig, DataConfig, ModelConfig, RolloutConfig
 from cai_ray.constitution import render_chat
-from cai_ray.inference.engine import Engine, EngineWeights, PromptRejected, fit_prompt, stable_seed
+from cai_ray.inference.engine import (
+    Engine,
+    EngineWeights,
+    PromptRejected,
+    fit_prompt,
+    stable_seed,
+    start_engine_actors,
+)
 from cai_ray.types import Prompt, RejectedItem, RolloutBatch, Sample
 
 if TYPE_CHECKING:
@@ -93,26 +100,8 @@ def start_rollout_workers(model: ModelConfig, rollout: RolloutConfig, data: Data
     Each actor's bundle is ``rollout.resources``; a pending group is what asks an autoscaler for nodes.
     Tensor parallelism runs inside the actor, so its bundle must hold that many GPUs.
     """
-    from cai_ray.launcher import bundle, get_all, reserve, spawn
-
-    tp = rollout.engine.tensor_parallel_size
-    if tp > 1 and rollout.resources.num_gpus < tp:
-        raise ValueError(
-            f"rollout.engine.tensor_parallel_size={tp} needs rollout.resources.num_gpus >= {tp} "
-            f"(got {rollout.resources.num_gpus}); tensor parallelism runs inside one actor's bundle"
-        )
-    pg = reserve([bundle(rollout.resources)] * rollout.num_workers, strategy=cluster.placement_strategy,
-                 timeout_s=cluster.placement_timeout_s, name="rollout")
-    workers = [
-        spawn(RolloutWorker, model, rollout, data, seed=stable_seed(seed, "rollout-engine", i),
-              resources=rollout.resources, pg=pg, bundle_index=i, max_restarts=rollout.max_restarts)
-        for i in range(rollout.num_workers)
-    ]
-    # Fail here, naming the worker, if an engine cannot start (bad model, too little memory).
-    try:
-        get_all([w.weight_version.remote() for w in workers], timeout_s=cluster.remote_call_timeout_s,
-                names=[f"rollout worker {i}" for i in range(len(workers))])
-    except BaseException:
-        RolloutWorkers(workers, pg).shutdown()
-        raise
+    workers, pg = start_engine_actors(
+        RolloutWorker, role="rollout", num_workers=rollout.num_workers, engine=rollout.engine,
+        resources=rollout.resources, cluster=cluster, max_restarts=rollout.max_restarts,
+        args=lambda i: ((model, rollout, data), {"seed": stable_seed(seed, "rollout-engine", i)}))
     return RolloutWorkers(workers, pg)

@@ -78,12 +78,14 @@ def test_loop_on_a_multi_node_topology(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(600)
 def test_ray_job_submit_to_a_local_head(tmp_path: Path) -> None:
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent = _free_port(), _free_port(), _free_port()
     # As the shipped cluster files do: token authentication on, token from the environment (a secret).
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         # The job agent's default port (52365) is taken when another Ray runs on this host (the test session's).
+         f"--dashboard-agent-listen-port={agent}",
          "--include-dashboard=true", "--num-cpus=8", f"--object-store-memory={512 << 20}",
          f"--temp-dir={tempfile.mkdtemp(prefix='cr-', dir='/tmp')}",  # short: Ray's unix sockets live here
          "--disable-usage-stats"],
