@@ -131,6 +131,9 @@ class StatelessGroupTransport:
     """Broadcast buckets over a process group independent of the default one (gloo or NCCL)."""
 
     def __init__(self, spec: GroupSpec, rank: int, store: torch.distributed.TCPStore | None = None) -> None:
+        if spec.transport == "nccl" and not (torch.cuda.is_available() and torch.distributed.is_nccl_available()):
+            raise SyncError(f"sync v{spec.version} rank {rank}: transport 'nccl' needs CUDA torch with NCCL on every "
+                            "peer; use sync.transport=gloo or object_store on CPU")
         timeout = timedelta(seconds=spec.timeout_s)
         if store is None:
             store = torch.distributed.TCPStore(spec.host, spec.port, spec.world_size, is_master=False,

@@ -118,3 +118,29 @@ def test_killed_rollout_and_feedback_actors_lose_no_work(ray_local: None, tmp_pa
         assert ray.get(worker.weight_version.remote(), timeout=60) == 1  # re-synced through on_restart
     finally:
         roles.shutdown()
+
+
+def test_eval_on_the_quickstart_checkpoints(uninterrupted: tuple[ExperimentConfig, list], tmp_path: Path) -> None:
+    """`cai-ray eval --run-dir` on the RL run: base (its SL starting policy) vs rl, scored by the run's own PM."""
+    import json
+
+    from cai_ray.cli import main
+    from cai_ray.pipelines.run import run_dir_for
+
+    cfg, _ = uninterrupted
+    run_dir = run_dir_for(cfg)
+    rc = main(["eval", "--config", str(QUICKSTART), "--run-dir", str(run_dir), "--out", str(tmp_path),
+               "--set", f"models.policy.name={cfg.models.policy.name}", "--set", "data.red_team_eval.max_rows=4",
+               "--set", "data.helpful_eval.max_rows=4", "--set", "eval.max_new_tokens=8",
+               "--set", "eval.num_bootstrap_samples=100"])
+    assert rc == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert list(report["checkpoints"]) == ["base", "rl"]
+    assert report["checkpoints"]["rl"]["model"].endswith("policy_hf")
+    for r in report["checkpoints"].values():
+        assert r["counts"]["responses"] == 8 and r["counts"]["judge_errors"] == 0
+        assert 0.0 <= r["harmlessness"]["harmful_rate"] <= 1.0 and 0.0 <= r["over_refusal"]["refusal_rate"] <= 1.0
+        assert r["pm_score"]["n"] == 4 and math.isfinite(r["pm_score"]["mean"])
+    [win] = report["win_rates"]
+    assert (win["a"], win["b"]) == ("base", "rl") and win["n"] == 8
+    assert report["metadata"]["preference_model"] == str(run_dir / "checkpoint" / "learner" / "preference_hf")
