@@ -34,6 +34,6 @@ def run_demo(config_path: str | None, overrides: list[str]) -> int:
               f"{row.get('pm_fresh/accuracy') or 0.0:>15.3f}")
     print(f"\nSFT data with whole critique -> revision chains: {run_dir / 'sl' / 'sft_data.jsonl'}")
     print(f"metrics: {run_dir / 'metrics.jsonl'}; labels: {run_dir / 'labels'}")
-    print("The same run on a real chat model (SmolLM2-135M-Instruct, tens of minutes on 2 cores):\n"
+    print("The same run on a real chat model (SmolLM2-135M-Instruct, about 7 minutes on 2 cores):\n"
           "  cai-ray run --config configs/smollm2-cpu.yaml")
     return 0
