@@ -8,7 +8,6 @@ with head_dim 64 — vLLM's CPU attention rejects 16 — and a BPE tokenizer tra
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
 import json
 import os
@@ -197,12 +196,3 @@ def build_smollm2(out: Path) -> None:
 
 
 _BUILDERS: dict[str, Callable[[Path], None]] = {TINY: build_tiny_random_llama, SMOLLM2: build_smollm2}
-
-
-def fingerprint(folder: str) -> str:
-    """A short hash of a model folder's config + weights file names and sizes (for cache keys and logs)."""
-    h = hashlib.sha256()
-    for f in sorted(Path(folder).glob("*")):
-        if f.is_file():
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:12]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -221,13 +222,13 @@ def save_checkpoint(roles: Roles, state: LoopState, run_dir: Path, cfg: Experime
     final = _ckpt_dir(run_dir)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
-        _rmtree(tmp)
+        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     roles.learner.save_checkpoint(str(tmp / "learner"))
     (tmp / STATE_FILE).write_text(json.dumps(state.to_json()))
     (tmp / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
     if final.exists():
-        _rmtree(final)
+        shutil.rmtree(final)
     tmp.rename(final)
 
 
@@ -275,12 +276,6 @@ def _whole_groups(seqs: Sequence[TrainSequence], k: int) -> list[TrainSequence]:
 
 def _ckpt_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoint"
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path)
 
 
 def _mean(xs: Sequence[float]) -> float:
