@@ -12,8 +12,9 @@ from cai_ray.config import ConfigError, dump_config, load_config
 from cai_ray.constitution import ConstitutionError, load_constitution
 from cai_ray.data import DatasetError
 from cai_ray.models import ModelNotFoundError
+from cai_ray.pipelines.checkpoint import ResumeError
 
-USER_ERRORS = (ConfigError, ConstitutionError, DatasetError, ModelNotFoundError)
+USER_ERRORS = (ConfigError, ConstitutionError, DatasetError, ModelNotFoundError, ResumeError)
 
 
 def _config_show(args: argparse.Namespace) -> int:

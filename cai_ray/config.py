@@ -18,6 +18,16 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file, the key path and the fix."""
 
 
+# Keys that existed once: an old config naming one gets why it went instead of "unknown key".
+RETIRED_KEYS: dict[str, str] = {
+    "schedule.max_staleness": (
+        "removed: the async schedule overlaps exactly one iteration and a failed weight sync ends the run, so "
+        "every sample is at most one version old and the bound could drop nothing (each row logs "
+        "samples/staleness_max instead); delete the key"
+    ),
+}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -181,7 +191,9 @@ class LearnerConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     num_pm_epochs: int = Field(1, ge=1, description="Passes over fresh + replayed labels per iteration.")
-    num_policy_epochs: int = Field(1, ge=1, description="Passes over the iteration's rollouts.")
+    num_policy_epochs: int = Field(
+        1, ge=1, description="Passes over the iteration's rollouts (or labelled pairs, DPO): one optimizer step each."
+    )
     kl_coef: float = Field(0.05, ge=0, description="KL-to-reference penalty coefficient (PPO / critic-free).")
     kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator.")
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip.")
@@ -237,9 +249,13 @@ class ScheduleConfig(_Strict):
     helpful_fraction: float = Field(
         0.5, ge=0, le=1, description="Fraction of each iteration's prompts from the helpfulness set (rest red-team)."
     )
-    max_staleness: int = Field(1, ge=0, description="async: drop samples more than this many versions old.")
     replay_window: int = Field(2, ge=1, description="Iterations of labels kept for preference-model updates.")
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint the whole loop every N iterations.")
+    on_empty_iteration: Literal["skip", "error"] = Field(
+        "skip",
+        description="An iteration with nothing to train on (every prompt rejected, every label errored, no whole "
+        "group): 'skip' logs it (iteration/empty=1 and its reason) and goes on; 'error' stops the run naming why.",
+    )
 
 
 class EvalConfig(_Strict):
@@ -315,8 +331,6 @@ class ExperimentConfig(_Strict):
                 f"({self.eval.max_new_tokens}) exceeds models.policy.max_model_len "
                 f"({self.models.policy.max_model_len}); lower one of them"
             )
-        if self.schedule.mode == "async" and self.schedule.max_staleness < 1:
-            raise ValueError("schedule.max_staleness must be >= 1 when schedule.mode is 'async'")
         if self.sync.timeout_s >= self.learner.collective_timeout_s:
             raise ValueError(
                 f"sync.timeout_s ({self.sync.timeout_s}) must be below learner.collective_timeout_s "
@@ -384,7 +398,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = tuple(e["loc"])
         path = ".".join(str(p) for p in loc) or "<root>"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and path in RETIRED_KEYS:
+            lines.append(f"{source}: {path}: {RETIRED_KEYS[path]}")
+        elif e["type"] == "extra_forbidden":
             known = _known_keys(ExperimentConfig, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"

@@ -1,5 +1,8 @@
 """Metrics: one writer, owned by the controller. A JSONL file always; wandb when not disabled.
 
+A resumed run rewrites the file without the rows of steps it will run again (an interrupted run may have
+logged iterations after its last checkpoint), so every step has exactly one row.
+
 ``PhaseTimer`` times each phase of an iteration into ``timing/<phase>`` metrics.
 """
 
@@ -7,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,27 +20,35 @@ from typing import Any
 from cai_ray.config import LoggingConfig
 
 
-class MetricsWriter:
-    """Appends one JSON object per step to ``metrics.jsonl`` and mirrors it to wandb (offline by default)."""
+Metrics = dict[str, float | str]  # numbers; a str (a reason) goes to the JSONL file only
 
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, run_name: str, config_dump: dict[str, Any]) -> None:
+
+class MetricsWriter:
+    """Appends one JSON object per step to ``metrics.jsonl`` and mirrors it to wandb (offline by default).
+
+    Rows of steps >= ``first_step`` already in the file are dropped first (0: a fresh file).
+    """
+
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, run_name: str, config_dump: dict[str, Any], *,
+                 first_step: int) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
-        self._file = self.path.open("a", encoding="utf-8")
+        keep_rows_before(self.path, first_step)
         self._wandb: Any = None
         if cfg.wandb_mode != "disabled":
             import wandb
 
             self._wandb = wandb.init(project=cfg.wandb_project, name=run_name, dir=str(run_dir),
                                      mode=cfg.wandb_mode, config=config_dump, reinit="finish_previous")
+        self._file = self.path.open("a", encoding="utf-8")  # last: nothing to close if wandb.init raised
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Write one step's metrics (NaN/inf become null in JSON)."""
-        clean = {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in metrics.items()}
+    def log(self, step: int, metrics: Metrics) -> None:
+        """Write one step's metrics (NaN/inf become null in JSON; strings are kept in JSON, not sent to wandb)."""
+        clean = {k: v if isinstance(v, str) or math.isfinite(v) else None for k, v in metrics.items()}
         self._file.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in clean.items() if v is not None}, step=step)
+            self._wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=step)
 
     def close(self) -> None:
         """Flush and close the file and the wandb run."""
@@ -63,6 +75,22 @@ class PhaseTimer:
     def metrics(self) -> dict[str, float]:
         """``timing/<phase>`` for each phase seen."""
         return {f"timing/{k}": v for k, v in self.seconds.items()}
+
+
+def keep_rows_before(path: Path, first_step: int) -> None:
+    """Rewrite ``path`` (atomically) with only its rows of steps below ``first_step`` (and no torn line)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] < first_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line a crash cut short
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -9,18 +9,20 @@ Each iteration:
   5. update the policy: online DPO straight from the labels, or PPO / GRPO / RLOO / REINFORCE++ with the
      preference model's score as reward (KL to the reference inside the learner);
   6. push the new weights into the engines; log; checkpoint every N iterations.
-Schedules: ``sync`` runs the phases in order; ``async`` generates iteration i+1 while iteration i is
-labelled and trained, and drops samples more than ``max_staleness`` weight versions old.
+Schedules: ``sync`` runs the phases in order; ``async`` generates iteration i+1 with the current weights
+while iteration i is labelled and trained, so its samples are one version old (``samples/staleness_max``).
+An iteration with nothing to train on trains and syncs nothing: it is logged as empty with its reason, or
+stops the run (``schedule.on_empty_iteration``).
 Simplification: the preference model is scored on the policy's own samples, one pair per two samples.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import random
-import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,70 +34,112 @@ from cai_ray.algorithms.preference import preference_loss
 from cai_ray.config import ExperimentConfig
 from cai_ray.data import load_prompts, write_jsonl
 from cai_ray.inference.engine import stable_seed
-from cai_ray.metrics import MetricsWriter, PhaseTimer
+from cai_ray.metrics import Metrics, MetricsWriter, PhaseTimer
+from cai_ray.pipelines.checkpoint import (
+    LoopState,
+    checkpoint_dir,
+    load_for_resume,
+    write_atomically,
+    write_loop_files,
+)
 from cai_ray.pipelines.roles import PendingRollout, Roles, start_roles
-from cai_ray.types import ComparisonRequest, PreferenceLabel, Prompt, Sample, TrainPair, TrainSequence
+from cai_ray.training.group import LearnerGroup
+from cai_ray.types import (
+    ComparisonRequest,
+    PreferenceLabel,
+    Prompt,
+    RolloutBatch,
+    Sample,
+    TrainPair,
+    TrainSequence,
+)
 
-STATE_FILE = "loop_state.json"
+logger = logging.getLogger(__name__)
+NEEDS_WHOLE_GROUPS = ("grpo", "rloo")
+
+
+class EmptyIterationError(RuntimeError):
+    """An iteration had nothing to train on and ``schedule.on_empty_iteration`` is 'error'."""
 
 
 # ----------------------------------------------------------------------------------- the loop
-def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> list[dict[str, float]]:
+def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> list[Metrics]:
     """Run ``cfg.schedule.num_iterations`` RL-CAI iterations; returns each iteration's metrics."""
     pool = _prompt_pool(cfg)
-    num_iterations, overlap = cfg.schedule.num_iterations, cfg.schedule.mode == "async"
-    writer = MetricsWriter(cfg.logging, run_dir, cfg.name, cfg.model_dump(mode="json"))
-    roles = start_roles(cfg)
-    try:
-        state = resume_from_checkpoint(roles, run_dir) if resume else LoopState()
-        history: list[dict[str, float]] = []
-        bar = tqdm(total=num_iterations, initial=state.iteration, desc="RL-CAI", unit="iter",
-                   disable=not cfg.logging.progress)
+    num_iterations, overlap, k = cfg.schedule.num_iterations, cfg.schedule.mode == "async", \
+        cfg.rollout.num_samples_per_prompt
+    state = load_for_resume(run_dir, cfg.model_dump(mode="json")) if resume else LoopState()  # before any start-up
+    history: list[Metrics] = []
+    with running(cfg, run_dir, state, resume=resume) as (roles, writer, bar):
         pending: PendingRollout | None = None
         for it in range(state.iteration, num_iterations):
             timer = PhaseTimer()
             with timer.phase("generate"):
-                samples = roles.collect(pending or roles.submit_generate(_iteration_prompts(cfg, pool, it), it))
+                rollout = roles.collect(pending or roles.submit_generate(_iteration_prompts(cfg, pool, it), it),
+                                        learner_version=state.version)
             # async: the next batch is sampled with the current weights while this one is labelled and trained
             pending = roles.submit_generate(_iteration_prompts(cfg, pool, it + 1), it + 1) \
                 if overlap and it + 1 < num_iterations else None
-            samples, dropped = drop_stale(samples, current_version=state.version,
-                                          max_staleness=cfg.schedule.max_staleness)
+            samples = list(rollout.samples)
+            sample_metrics = sample_stats(samples, current_version=state.version)  # the version they train
             with timer.phase("label"):
                 requests, pairs = make_pairs(samples, iteration=it)
                 labels = roles.feedback.label_pairs(requests)
             fresh = [pair_for_training(p, lab) for p, lab in zip(pairs, labels, strict=True) if lab.error is None]
-            with timer.phase("pm_update"):
-                pm_before = preference_accuracy(roles.learner.pm_scores(_flatten(fresh)), fresh) if fresh else {}
-                state.replay = (state.replay + [fresh])[-cfg.schedule.replay_window:]
-                pm_metrics = update_preference_model(roles, [p for window in state.replay for p in window],
-                                                     epochs=cfg.learner.num_pm_epochs)
-            with timer.phase("policy_update"):
-                policy_metrics = update_policy(roles, cfg, samples, fresh)
+            empty = nothing_to_train(rollout, labels, fresh, algorithm=cfg.learner.algorithm, samples_per_prompt=k)
+            if empty is None:
+                with timer.phase("pm_update"):
+                    state.replay = (state.replay + [fresh])[-cfg.schedule.replay_window:]
+                    pm_metrics = update_preference_model(roles.learner, fresh, state.replay,
+                                                         epochs=cfg.learner.num_pm_epochs)
+                with timer.phase("policy_update"):
+                    policy_metrics = update_policy(roles.learner, samples, fresh, algorithm=cfg.learner.algorithm,
+                                                   samples_per_prompt=k)
+                state.version += 1  # the learner holds the new weights; the engines get them at sync
+            else:
+                pm_metrics, policy_metrics = {}, empty_iteration(it, empty, policy=cfg.schedule.on_empty_iteration)
             with timer.phase("idle"):
-                if pending is not None:
-                    roles.finish(pending)  # an engine must be done generating to join the weight sync
-            state.version += 1
+                if pending is not None:  # an engine must be done generating to join the weight sync
+                    roles.finish(pending, learner_version=state.version)
             with timer.phase("sync"):
-                sync_metrics = roles.push_weights(state.version)
-            state.iteration, state.dropped_stale = it + 1, state.dropped_stale + dropped
+                sync_metrics = roles.push_weights(state.version) if empty is None else {}
+            state.iteration = it + 1
             with timer.phase("checkpoint"):
                 write_jsonl([asdict(lab) for lab in labels], run_dir / "labels" / f"iter_{it:04d}.jsonl")
                 if state.iteration % cfg.schedule.checkpoint_every == 0 or state.iteration == num_iterations:
-                    save_checkpoint(roles, state, run_dir, cfg)
-            metrics = {"iteration": float(it), "weight_version": float(state.version),
-                       "samples/dropped_stale": float(dropped), "samples/dropped_stale_total": float(state.dropped_stale),
-                       **sample_stats(samples), **label_stats(labels), **pm_before, **pm_metrics, **policy_metrics,
-                       **sync_metrics, **timer.metrics()}
+                    save_checkpoint(roles.learner, state, run_dir, cfg)
+            metrics = {"iteration": float(it), "weight_version": float(state.version), "iteration/empty": 0.0,
+                       **sample_metrics, **label_stats(labels),
+                       **pm_metrics, **policy_metrics, **sync_metrics, **timer.metrics()}
             writer.log(it, metrics)
             history.append(metrics)
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
-                            pm_acc=f"{metrics.get('pm_fresh/accuracy', float('nan')):.2f}")
+            bar.set_postfix(reward=f"{metrics.get('reward/mean', math.nan):.3f}",
+                            pm_acc=f"{metrics.get('pm_fresh/accuracy', math.nan):.2f}")
             bar.update()
-        return history
-    finally:
-        roles.shutdown()
-        writer.close()
+    return history
+
+
+@contextmanager
+def running(cfg: ExperimentConfig, run_dir: Path, state: LoopState, *,
+            resume: bool) -> Iterator[tuple[Roles, MetricsWriter, tqdm]]:
+    """The metrics writer, the started roles (restored from the checkpoint on resume) and a progress bar.
+
+    Whatever fails (a role's start-up, the restore, the loop, one role's shutdown), everything started so far
+    is closed, in reverse order.
+    """
+    with ExitStack() as cleanup:
+        writer = MetricsWriter(cfg.logging, run_dir, cfg.name, cfg.model_dump(mode="json"),
+                               first_step=state.iteration)
+        cleanup.callback(writer.close)
+        roles = start_roles(cfg)
+        cleanup.callback(roles.shutdown)
+        if resume:
+            roles.learner.load_checkpoint(str(checkpoint_dir(run_dir) / "learner"))
+            roles.push_weights(state.version)
+        bar = tqdm(total=cfg.schedule.num_iterations, initial=state.iteration, desc="RL-CAI", unit="iter",
+                   disable=not cfg.logging.progress)
+        cleanup.callback(bar.close)
+        yield roles, writer, bar
 
 
 # ------------------------------------------------------------------------------------ phases
@@ -120,12 +164,6 @@ def pair_for_training(pair: tuple[Sample, Sample], label: PreferenceLabel) -> Tr
     return TrainPair(a.prompt_token_ids, a.response_token_ids, b.response_token_ids, label.prob_a)
 
 
-def drop_stale(samples: Sequence[Sample], *, current_version: int, max_staleness: int) -> tuple[list[Sample], int]:
-    """Keep samples at most ``max_staleness`` versions behind ``current_version``; returns (kept, dropped)."""
-    kept = [s for s in samples if current_version - s.weight_version <= max_staleness]
-    return kept, len(samples) - len(kept)
-
-
 def preference_accuracy(scores: Sequence[float], pairs: Sequence[TrainPair]) -> dict[str, float]:
     """The preference model's accuracy / loss on labelled pairs, from its scores of [a0, b0, a1, b1, ...]."""
     if not pairs:
@@ -137,44 +175,77 @@ def preference_accuracy(scores: Sequence[float], pairs: Sequence[TrainPair]) -> 
     return {k.replace("loss/pm", "pm/loss").replace("pm/", "pm_fresh/", 1): v for k, v in metrics.items()}
 
 
-def update_preference_model(roles: Roles, pairs: Sequence[TrainPair], *, epochs: int) -> dict[str, float]:
-    """``epochs`` passes over fresh + replayed labels, one optimizer step per pass."""
-    metrics: dict[str, float] = {}
+def update_preference_model(learner: LearnerGroup, fresh: Sequence[TrainPair], replay: Sequence[Sequence[TrainPair]],
+                            *, epochs: int) -> Metrics:
+    """The PM's accuracy on the fresh labels before its update, then ``epochs`` steps on the replay window."""
+    pairs = [p for window in replay for p in window]
+    metrics: Metrics = preference_accuracy(learner.pm_scores(_flatten(fresh)), fresh) if fresh else {}
     for _ in range(epochs if pairs else 0):
-        metrics = roles.learner.pm_step(list(pairs))
+        metrics |= learner.pm_step(pairs)
     return metrics
 
 
-def update_policy(roles: Roles, cfg: ExperimentConfig, samples: Sequence[Sample],
-                  pairs: Sequence[TrainPair]) -> dict[str, float]:
-    """One policy update with the configured algorithm; returns its metrics plus the PM reward."""
-    algorithm = cfg.learner.algorithm
-    seqs = [TrainSequence(s.prompt_token_ids, s.response_token_ids, s.response_logprobs,
-                          group_id=_group_ids(samples)[s.prompt_id]) for s in samples]
-    rewards = roles.learner.pm_scores(seqs) if seqs else []
-    out = {"reward/mean": _mean(rewards), "reward/std": _std(rewards)}
-    for _ in range(cfg.learner.num_policy_epochs):
-        if algorithm == "dpo":
-            out |= roles.learner.dpo_step(list(pairs)) if pairs else {}
-            continue
-        scored = [TrainSequence(s.prompt_token_ids, s.response_token_ids, s.rollout_logprobs, r, s.group_id)
-                  for s, r in zip(seqs, rewards, strict=True)]
-        if algorithm == "ppo":
-            out |= roles.learner.ppo_step(scored)
-        else:
-            out |= roles.learner.critic_free_step(_whole_groups(scored, cfg.rollout.num_samples_per_prompt),
-                                                  algorithm)
-    return out
+def update_policy(learner: LearnerGroup, samples: Sequence[Sample], pairs: Sequence[TrainPair], *, algorithm: str,
+                  samples_per_prompt: int) -> Metrics:
+    """One policy update (the learner makes its ``num_policy_epochs`` passes); its metrics plus the PM reward.
+
+    GRPO / RLOO train on the prompts with all ``samples_per_prompt`` samples only.
+    """
+    if algorithm in NEEDS_WHOLE_GROUPS:
+        whole = _whole_groups(samples, samples_per_prompt)
+        samples = [s for s in samples if s.prompt_id in whole]
+    groups = _group_ids(samples)
+    seqs = [TrainSequence(s.prompt_token_ids, s.response_token_ids, s.response_logprobs, group_id=groups[s.prompt_id])
+            for s in samples]
+    rewards = learner.pm_scores(seqs) if seqs else []
+    out: Metrics = {"reward/mean": _mean(rewards), "reward/std": _std(rewards)}
+    if algorithm == "dpo":
+        return out | learner.dpo_step(list(pairs))
+    scored = [TrainSequence(s.prompt_token_ids, s.response_token_ids, s.rollout_logprobs, r, s.group_id)
+              for s, r in zip(seqs, rewards, strict=True)]
+    if algorithm == "ppo":
+        return out | learner.ppo_step(scored)
+    return out | learner.critic_free_step(scored, algorithm)
 
 
-def sample_stats(samples: Sequence[Sample]) -> dict[str, float]:
-    """Response length and truncation rate."""
+def nothing_to_train(rollout: RolloutBatch, labels: Sequence[PreferenceLabel], fresh: Sequence[TrainPair], *,
+                     algorithm: str, samples_per_prompt: int) -> str | None:
+    """Why the policy update would have no input this iteration (None: there is something to train on).
+
+    No samples at all (every prompt rejected); DPO with no labelled pair (every label errored); GRPO / RLOO
+    with no prompt that has all its samples. PPO and REINFORCE++ train on any samples, labelled or not.
+    """
+    if not rollout.samples:
+        first = f" (first: {rollout.rejected[0].reason})" if rollout.rejected else ""
+        return f"no samples: all {len(rollout.rejected)} prompts were rejected{first}"
+    if algorithm == "dpo" and not fresh:
+        errors = [lab.error for lab in labels if lab.error is not None]
+        first = f" (first: {errors[0]})" if errors else ""
+        return f"no labelled pair for DPO: {len(errors)} of {len(labels)} labels errored{first}"
+    if algorithm in NEEDS_WHOLE_GROUPS and not _whole_groups(rollout.samples, samples_per_prompt):
+        return f"no prompt has all {samples_per_prompt} samples that {algorithm} needs as a group"
+    return None
+
+
+def empty_iteration(iteration: int, reason: str, *, policy: str) -> Metrics:
+    """The metrics of an iteration that trains nothing, or :class:`EmptyIterationError` when ``policy`` is 'error'."""
+    if policy == "error":
+        raise EmptyIterationError(
+            f"RL-CAI iteration {iteration} has nothing to train on: {reason}. Fix the cause, or set "
+            "schedule.on_empty_iteration=skip to log such iterations as empty and go on")
+    logger.warning("RL-CAI iteration %d is empty (nothing trained, no weight sync): %s", iteration, reason)
+    return {"iteration/empty": 1.0, "iteration/empty_reason": reason}
+
+
+def sample_stats(samples: Sequence[Sample], *, current_version: int) -> Metrics:
+    """Response length, truncation rate, and how many weight versions the oldest sample lags behind."""
     lengths = [len(s.response_token_ids) for s in samples]
     return {"samples/count": float(len(samples)), "response/length_mean": _mean(lengths),
-            "response/truncated_frac": _mean([float(s.finish_reason == "length") for s in samples])}
+            "response/truncated_frac": _mean([float(s.finish_reason == "length") for s in samples]),
+            "samples/staleness_max": float(max((current_version - s.weight_version for s in samples), default=0))}
 
 
-def label_stats(labels: Sequence[PreferenceLabel]) -> dict[str, float]:
+def label_stats(labels: Sequence[PreferenceLabel]) -> Metrics:
     """Mean soft label, mean binary entropy (a collapsed judge has entropy near 0 or near log 2), errors."""
     ok = [lab.prob_a for lab in labels if lab.error is None]
     ent = [-(p * math.log(p) + (1 - p) * math.log(1 - p)) if 0 < p < 1 else 0.0 for p in ok]
@@ -183,53 +254,14 @@ def label_stats(labels: Sequence[PreferenceLabel]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------- durability
-class LoopState:
-    """What a resumed run needs besides the learner: counters, versions and the replay window."""
+def save_checkpoint(learner: LearnerGroup, state: LoopState, run_dir: Path, cfg: ExperimentConfig) -> None:
+    """Learner states + loop state + config, swapped in atomically (see :mod:`cai_ray.pipelines.checkpoint`)."""
 
-    def __init__(self, iteration: int = 0, version: int = 0, dropped_stale: int = 0,
-                 replay: list[list[TrainPair]] | None = None) -> None:
-        self.iteration, self.version, self.dropped_stale = iteration, version, dropped_stale
-        self.replay: list[list[TrainPair]] = replay or []
+    def write(folder: Path) -> None:
+        learner.save_checkpoint(str(folder / "learner"))
+        write_loop_files(folder, state, cfg.model_dump(mode="json"))
 
-    def to_json(self) -> dict[str, Any]:
-        """JSON-safe form (token ids as lists)."""
-        return {"iteration": self.iteration, "version": self.version, "dropped_stale": self.dropped_stale,
-                "replay": [[asdict(p) for p in window] for window in self.replay]}
-
-    @classmethod
-    def load(cls, run_dir: Path) -> LoopState:
-        """The state of the last checkpoint under ``run_dir`` (a fresh state if there is none)."""
-        path = _ckpt_dir(run_dir) / STATE_FILE
-        if not path.is_file():
-            return cls()
-        raw = json.loads(path.read_text())
-        replay = [[TrainPair(tuple(p["prompt_token_ids"]), tuple(p["response_a_token_ids"]),
-                             tuple(p["response_b_token_ids"]), p["prob_a"]) for p in window] for window in raw["replay"]]
-        return cls(raw["iteration"], raw["version"], raw["dropped_stale"], replay)
-
-
-def resume_from_checkpoint(roles: Roles, run_dir: Path) -> LoopState:
-    """Restore the learner and loop state of ``run_dir``'s last checkpoint and push its weights to the engines."""
-    state = LoopState.load(run_dir)
-    if state.iteration > 0:
-        roles.learner.load_checkpoint(str(_ckpt_dir(run_dir) / "learner"))
-        roles.push_weights(state.version)
-    return state
-
-
-def save_checkpoint(roles: Roles, state: LoopState, run_dir: Path, cfg: ExperimentConfig) -> None:
-    """Learner states + loop state + config, written to a temp folder then swapped in (never half-written)."""
-    final = _ckpt_dir(run_dir)
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    roles.learner.save_checkpoint(str(tmp / "learner"))
-    (tmp / STATE_FILE).write_text(json.dumps(state.to_json()))
-    (tmp / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    write_atomically(checkpoint_dir(run_dir), write)
 
 
 # -------------------------------------------------------------------------------------- helpers
@@ -266,16 +298,12 @@ def _group_ids(samples: Sequence[Sample]) -> dict[str, int]:
     return ids
 
 
-def _whole_groups(seqs: Sequence[TrainSequence], k: int) -> list[TrainSequence]:
-    """GRPO / RLOO need complete groups of k; staleness drops or rejections can leave partial ones."""
-    counts: dict[int, int] = {}
-    for s in seqs:
-        counts[s.group_id] = counts.get(s.group_id, 0) + 1
-    return [s for s in seqs if counts[s.group_id] == k]
-
-
-def _ckpt_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoint"
+def _whole_groups(samples: Sequence[Sample], k: int) -> set[str]:
+    """Prompt ids with all ``k`` samples (GRPO / RLOO need complete groups)."""
+    counts: dict[str, int] = {}
+    for s in samples:
+        counts[s.prompt_id] = counts.get(s.prompt_id, 0) + 1
+    return {pid for pid, n in counts.items() if n == k}
 
 
 def _mean(xs: Sequence[float]) -> float:

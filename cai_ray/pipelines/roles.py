@@ -1,13 +1,15 @@
 """The RL-CAI roles started together: rollout engines, the feedback pool, the learner group, weight sync.
 
 The controller talks to them through a few verbs. Rollout calls that die with their actor are retried
-once after Ray restarts it and the current weights are pushed into it, so no sample is lost or counted
-twice; a learner failure stops the run (it is resumable from the last checkpoint).
+once after Ray restarts it and the learner's weights are pushed into it, so no sample is lost or counted
+twice; the retried samples record the version of those weights (in the async schedule the learner may be
+one update ahead of the other engines). A learner failure stops the run (it is resumable from the last
+checkpoint).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +21,7 @@ from cai_ray.inference.rollout import RolloutWorkers, start_rollout_workers
 from cai_ray.sync import WeightSync
 from cai_ray.training.group import LearnerGroup
 from cai_ray.training.learner import LearnerRoles
-from cai_ray.types import Prompt, RejectedItem, Sample
+from cai_ray.types import Prompt, RejectedItem, RolloutBatch, Sample
 
 
 @dataclass
@@ -63,30 +65,35 @@ class Roles:
                 calls.append((i, part, worker.generate.remote(part, seed=self._seed(iteration))))
         return PendingRollout(iteration, calls)
 
-    def finish(self, pending: PendingRollout) -> PendingRollout:
-        """Wait for ``pending`` to complete (retrying a dead worker's share once)."""
+    def finish(self, pending: PendingRollout, *, learner_version: int) -> PendingRollout:
+        """Wait for ``pending`` to complete, redoing a dead worker's share once.
+
+        The restarted engine first gets the learner's weights, which ``learner_version`` names: in the async
+        schedule the learner is already one update ahead of the engines while this batch is finished.
+        """
         if pending.samples is None:
             samples: list[Sample] = []
             for i, part, ref in pending.calls:
-                batch = self._get_rollout(i, part, ref, pending.iteration)
+                batch = self._get_rollout(i, part, ref, pending.iteration, learner_version)
                 samples.extend(batch.samples)
                 pending.rejected.extend(batch.rejected)
             pending.samples = samples
         return pending
 
-    def collect(self, pending: PendingRollout) -> list[Sample]:
-        """The samples of ``pending`` (waits if needed)."""
-        return list(self.finish(pending).samples or [])
+    def collect(self, pending: PendingRollout, *, learner_version: int) -> RolloutBatch:
+        """The samples and rejected prompts of ``pending`` (waits if needed; see :meth:`finish`)."""
+        done = self.finish(pending, learner_version=learner_version)
+        return RolloutBatch(tuple(done.samples or ()), tuple(done.rejected))
 
-    def _get_rollout(self, i: int, part: list[Prompt], ref: Any, iteration: int) -> Any:
+    def _get_rollout(self, i: int, part: list[Prompt], ref: Any, iteration: int, learner_version: int) -> Any:
         what = f"rollout worker {i}: generate"
         try:
             return launcher.get(ref, timeout_s=self.timeout_s, what=what)
         except launcher.RemoteCallError:
-            # Once: wait for Ray to restart the actor, give it the current weights, redo its share.
+            # Once: wait for Ray to restart the actor, give it the learner's weights, redo its share.
             worker = self.rollout[i]
             launcher.wait_restarted(worker, timeout_s=self.timeout_s, what=f"rollout worker {i}")
-            self.sync.push(self.version, only=[f"rollout worker {i}"])
+            self.sync.push(learner_version, only=[f"rollout worker {i}"])
             retry = worker.generate.remote(part, seed=self._seed(iteration))
             return launcher.get(retry, timeout_s=self.timeout_s, what=f"{what} (retry)")
 
@@ -100,10 +107,20 @@ class Roles:
         return self.sync.push(version)
 
     def shutdown(self) -> None:
-        """Stop every actor and release placement groups (safe to call on a partial start)."""
-        self._fleet.shutdown()
-        self.feedback.shutdown()
-        self.learner.shutdown()
+        """Stop every role and release its placement group, even when another fails to stop; raises the first error."""
+        shutdown_all([self._fleet, self.feedback, self.learner])
+
+
+def shutdown_all(roles: Iterable[Any]) -> None:
+    """``shutdown()`` each role in order, every one of them; then raise the first failure, if any."""
+    errors: list[Exception] = []
+    for role in roles:
+        try:
+            role.shutdown()
+        except Exception as err:  # noqa: BLE001 - collected, re-raised below once every role has been asked
+            errors.append(err)
+    if errors:
+        raise errors[0]
 
 
 def start_roles(cfg: ExperimentConfig) -> Roles:
@@ -124,7 +141,8 @@ def start_roles(cfg: ExperimentConfig) -> Roles:
     started = {name: f.result() for name, f in futures.items() if f.exception() is None}
     failed = [(name, f.exception()) for name, f in futures.items() if f.exception() is not None]
     if failed:
-        for role in started.values():
-            role.shutdown()
-        raise failed[0][1]
+        try:
+            shutdown_all(started.values())
+        finally:
+            raise failed[0][1]
     return Roles(cfg, started["rollout"], started["feedback"], started["learner"])

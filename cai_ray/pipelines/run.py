@@ -20,6 +20,7 @@ def run_dir_for(cfg: ExperimentConfig) -> Path:
 
 def run_experiment(cfg: ExperimentConfig, *, sl: bool, rl: bool, resume: bool = False) -> Path:
     """Run the stages; returns the run folder. RL after SL starts from (and is anchored to) the SL policy."""
+    from cai_ray.pipelines.checkpoint import has_checkpoint
     from cai_ray.pipelines.rl_cai import rl_cai
     from cai_ray.pipelines.sl_cai import sl_cai
 
@@ -40,7 +41,10 @@ def run_experiment(cfg: ExperimentConfig, *, sl: bool, rl: bool, resume: bool = 
         cfg = cfg.model_copy(deep=True)
         cfg.models.policy.name = policy
     if rl:
-        history = rl_cai(cfg, run_dir, resume=resume)
+        # After SL in the same command, RL resumes only if it had checkpointed; otherwise it starts now.
+        # `rl --resume` without a checkpoint is an error (rl_cai says so), never a silent restart.
+        rl_resume = resume and (not sl or has_checkpoint(run_dir))
+        history = rl_cai(cfg, run_dir, resume=rl_resume)
         if history:
             last = history[-1]
             print(f"RL-CAI: {len(history)} iterations; last: reward {last.get('reward/mean', float('nan')):.3f}, "

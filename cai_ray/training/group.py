@@ -119,16 +119,16 @@ class LearnerGroup:
         return [score for part in results for score in part]
 
     def dpo_step(self, pairs: Sequence[TrainPair]) -> Metrics:
-        """One optimizer step of online DPO on labelled pairs."""
+        """``learner.num_policy_epochs`` optimizer steps of online DPO on labelled pairs."""
         return self._step("dpo_step", pairs)
 
     def ppo_step(self, seqs: Sequence[TrainSequence]) -> Metrics:
-        """PPO update of policy and critic on rollouts with ``reward`` set."""
+        """PPO update (``learner.num_policy_epochs`` steps) of policy and critic on rollouts with ``reward`` set."""
         _require_rewards(seqs)
         return self._step("ppo_step", seqs)
 
     def critic_free_step(self, seqs: Sequence[TrainSequence], estimator: str) -> Metrics:
-        """GRPO / RLOO / REINFORCE++ update; GRPO and RLOO groups are never split across ranks."""
+        """GRPO / RLOO / REINFORCE++ update (``learner.num_policy_epochs`` steps); groups never span ranks."""
         if estimator not in CRITIC_FREE_ESTIMATORS:
             raise ValueError(f"estimator {estimator!r}: expected one of {CRITIC_FREE_ESTIMATORS}")
         _require_rewards(seqs)

@@ -3,7 +3,10 @@
 A plain class (``LearnerGroup`` makes it a Ray actor, one per rank). Every verb method is a collective
 under ZeRO-3 (forwards and gathers), so all ranks must call it together, each with its own shard of the
 same length (``modeling.shard``; filler rows carry no loss). A step turns its shard into micro-batches
-of ``micro_batch_size`` rows, accumulates their gradients and takes one optimizer step per engine.
+of ``micro_batch_size`` rows, accumulates their gradients and takes one optimizer step per engine; the
+policy updates (``dpo_step``, ``ppo_step``, ``critic_free_step``) are the one place that makes
+``num_policy_epochs`` such passes, after computing "old" log-probs, rewards and advantages once. Each
+reports its engines' optimizer-step counters (``policy/optimizer_steps``, ``critic/optimizer_steps``).
 
 Algorithms (pure losses from ``cai_ray.algorithms``):
 - SFT: token NLL on responses.  PM: Bradley-Terry with soft labels.  DPO: sigmoid DPO against the reference.
@@ -241,7 +244,7 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------------------------ DPO
     def dpo_step(self, pairs: Sequence[TrainPair], num_valid: int | None = None) -> Metrics:
-        """One optimizer step of soft-label sigmoid DPO against the frozen reference."""
+        """``num_policy_epochs`` optimizer steps of soft-label sigmoid DPO against the frozen reference."""
         n = len(pairs) if num_valid is None else num_valid
 
         def loss_fn(start: int, stop: int) -> tuple[Tensor, Metrics, int]:
@@ -261,7 +264,15 @@ class LearnerWorker:
                                      label_smoothing=self.cfg.dpo_label_smoothing)
             return loss, metrics, int(valid.sum())
 
-        return self._train(self.policy, num_items=len(pairs), num_valid=n, loss_fn=loss_fn)
+        metrics: Metrics = {}
+        for _ in range(self.cfg.num_policy_epochs):
+            metrics = self._train(self.policy, num_items=len(pairs), num_valid=n, loss_fn=loss_fn)
+        return metrics | self._optimizer_steps()
+
+    def _optimizer_steps(self) -> Metrics:
+        """Optimizer steps each trainable policy-side engine has taken so far (restored by a resume)."""
+        engines = {"policy": self.policy, "critic": self.critic}
+        return {f"{name}/optimizer_steps": float(e.global_steps) for name, e in engines.items() if e is not None}
 
     # ---------------------------------------------------------------------------------- log-probs
     @torch.no_grad()
@@ -319,7 +330,10 @@ class LearnerWorker:
         return torch.tensor([s.reward if s.reward is not None else 0.0 for s in seqs], dtype=torch.float32)
 
     def ppo_step(self, seqs: Sequence[TrainSequence], num_valid: int | None = None) -> Metrics:
-        """PPO on fixed rollouts: KL-penalised PM rewards, GAE over the critic, clipped policy + value losses."""
+        """PPO on fixed rollouts: KL-penalised PM rewards, GAE over the critic, clipped policy + value losses.
+
+        Old log-probs, values and advantages are computed once; then ``num_policy_epochs`` optimizer steps each.
+        """
         n = len(seqs) if num_valid is None else num_valid
         batch = collate_sequences(seqs, pad_id=self.pad_id, num_valid=n)
         old = self._per_token(self._token_logprobs, self.policy, batch)
@@ -335,7 +349,7 @@ class LearnerWorker:
         for _ in range(self.cfg.num_policy_epochs):
             metrics |= self._policy_update(batch, old=old, advantages=advantages, kl_ref=None)
             metrics |= self._value_update(batch, old_values=old_values, returns=returns)
-        return metrics
+        return metrics | self._optimizer_steps()
 
     # --------------------------------------------------------------------------- critic-free
     def critic_free_step(self, seqs: Sequence[TrainSequence], estimator: str, num_valid: int | None = None,
@@ -343,7 +357,8 @@ class LearnerWorker:
         """GRPO / RLOO (group baselines, KL as a loss term) or REINFORCE++ (KL in the reward).
 
         GRPO/RLOO groups are contiguous runs of ``group_id`` of ``samples_per_prompt`` rows (found from
-        ``seqs`` when None; pass it when filler copies of a group may sit next to the real one).
+        ``seqs`` when None; pass it when filler copies of a group may sit next to the real one). Old log-probs
+        and advantages are computed once; then ``num_policy_epochs`` optimizer steps.
         """
         if estimator not in CRITIC_FREE_ESTIMATORS:
             raise ValueError(f"estimator {estimator!r}: expected one of {CRITIC_FREE_ESTIMATORS}")
@@ -368,7 +383,7 @@ class LearnerWorker:
         metrics = self._rollout_stats(seqs, batch, old, ref)
         for _ in range(self.cfg.num_policy_epochs):
             metrics |= self._policy_update(batch, old=old, advantages=advantages, kl_ref=kl_ref)
-        return metrics
+        return metrics | self._optimizer_steps()
 
     # ---------------------------------------------------------------------------- weights out
     def export_weights(self, bucket_bytes: int) -> Iterator[list[tuple[str, Tensor]]]:

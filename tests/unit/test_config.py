@@ -122,3 +122,13 @@ def test_override_inside_a_defaulted_section_keeps_its_other_fields(tmp_path: Pa
     assert load_config(None, ["data.helpful.max_rows=3"]).data.helpful.path == "helpful_train"
     with pytest.raises(ConfigError, match=r"rollout\.temperature"):
         load_config(None, ["rollout.temperature=0"])
+
+
+def test_a_retired_key_says_why_it_went(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "schedule:\n  max_staleness: 1\n"))
+    msg = str(err.value)
+    assert str(tmp_path / "exp.yaml") in msg and "schedule.max_staleness: removed" in msg
+    assert "one version old" in msg and "delete the key" in msg
+    with pytest.raises(ConfigError, match=r"schedule\.max_staleness: removed"):
+        load_config(None, ["schedule.max_staleness=2"])

@@ -1,0 +1,62 @@
+"""Pure phase helpers of the RL loop: what makes an iteration empty, and what an empty iteration does."""
+
+from __future__ import annotations
+
+import pytest
+
+from cai_ray.pipelines.rl_cai import EmptyIterationError, empty_iteration, nothing_to_train, sample_stats
+from cai_ray.types import PreferenceLabel, RejectedItem, RolloutBatch, Sample, TrainPair
+
+
+def _sample(prompt_id: str, index: int, version: int = 0) -> Sample:
+    return Sample(prompt_id, "p", (1, 2), "r", (3,), (-0.5,), "stop", version, index)
+
+
+def _label(error: str | None = None) -> PreferenceLabel:
+    return PreferenceLabel("x", 0.5, (), (), (), "multiple_choice", error=error)
+
+
+PAIR = TrainPair((1,), (2,), (3,), 0.6)
+
+
+def test_every_prompt_rejected_is_empty_for_every_algorithm() -> None:
+    batch = RolloutBatch((), (RejectedItem("a", "prompt 'a': 300 tokens exceeds data.max_prompt_tokens=4"),
+                              RejectedItem("b", "prompt 'b': too long")))
+    for algorithm in ("dpo", "ppo", "grpo", "rloo", "reinforce_pp"):
+        reason = nothing_to_train(batch, [], [], algorithm=algorithm, samples_per_prompt=2)
+        assert reason == ("no samples: all 2 prompts were rejected "
+                          "(first: prompt 'a': 300 tokens exceeds data.max_prompt_tokens=4)")
+
+
+def test_every_label_errored_is_empty_for_dpo_only() -> None:
+    batch = RolloutBatch((_sample("a", 0), _sample("a", 1)))
+    labels = [_label("feedback worker 0: the actor died; gave up after 2 attempts")]
+    reason = nothing_to_train(batch, labels, [], algorithm="dpo", samples_per_prompt=2)
+    assert reason == "no labelled pair for DPO: 1 of 1 labels errored (first: feedback worker 0: the actor died; " \
+                     "gave up after 2 attempts)"
+    for algorithm in ("ppo", "grpo", "reinforce_pp"):  # these train on the samples with PM rewards
+        assert nothing_to_train(batch, labels, [], algorithm=algorithm, samples_per_prompt=2) is None
+    assert nothing_to_train(batch, [_label()], [PAIR], algorithm="dpo", samples_per_prompt=2) is None
+
+
+def test_only_partial_groups_is_empty_for_grpo_and_rloo() -> None:
+    batch = RolloutBatch((_sample("a", 0), _sample("a", 1), _sample("b", 0)))
+    assert nothing_to_train(batch, [], [], algorithm="grpo", samples_per_prompt=3) == \
+        "no prompt has all 3 samples that grpo needs as a group"
+    assert nothing_to_train(batch, [], [], algorithm="rloo", samples_per_prompt=3) is not None
+    assert nothing_to_train(batch, [], [], algorithm="grpo", samples_per_prompt=2) is None  # prompt a is whole
+    assert nothing_to_train(batch, [], [], algorithm="reinforce_pp", samples_per_prompt=3) is None
+
+
+def test_an_empty_iteration_is_logged_with_its_reason_or_stops_the_run() -> None:
+    assert empty_iteration(3, "no samples: all 4 prompts were rejected", policy="skip") == {
+        "iteration/empty": 1.0, "iteration/empty_reason": "no samples: all 4 prompts were rejected"}
+    with pytest.raises(EmptyIterationError, match=r"iteration 3 has nothing to train on: no samples: all 4 prompts "
+                                                   r"were rejected\. .*schedule\.on_empty_iteration=skip"):
+        empty_iteration(3, "no samples: all 4 prompts were rejected", policy="error")
+
+
+def test_staleness_is_counted_against_the_version_being_trained() -> None:
+    samples = [_sample("a", 0, version=2), _sample("a", 1, version=3)]
+    assert sample_stats(samples, current_version=3)["samples/staleness_max"] == 1.0
+    assert sample_stats([], current_version=5)["samples/staleness_max"] == 0.0
