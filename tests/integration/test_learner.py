@@ -14,12 +14,12 @@ import torch
 from cai_ray.config import ClusterConfig, LearnerConfig, ModelsConfig
 from cai_ray.launcher import RemoteCallError
 from cai_ray.training.learner import LearnerRoles
-from cai_ray.types import TrainPair, TrainSequence
+from cai_ray.types import Sample, TrainPair, TrainSequence
 
 pytestmark = pytest.mark.slow
 
 CFG = LearnerConfig(num_ranks=2, zero_stage=3, micro_batch_size=4, lr=1e-3, pm_lr=1e-3, critic_lr=1e-3, kl_coef=0.01,
-                    zero3_param_persistence_threshold=0, collective_timeout_s=60)
+                    zero3_param_persistence_threshold=0, collective_timeout_s=60, num_policy_epochs=2)
 CLUSTER = ClusterConfig(remote_call_timeout_s=120)
 GOOD, BAD = range(100, 112), range(300, 312)  # small pools: every token is seen in training
 
@@ -133,6 +133,21 @@ def test_critic_free_step_raises_logprob_of_higher_advantage_sequences(group, es
     up = [c for c, s in zip(change, seqs, strict=True) if s.reward > 0]
     down = [c for c, s in zip(change, seqs, strict=True) if s.reward < 0]
     assert sum(up) / len(up) > sum(down) / len(down)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "dpo"])
+def test_a_policy_update_takes_num_policy_epochs_optimizer_steps(group, algorithm):
+    """The controller's update_policy and the learner count epochs in one place: E steps per update, not E**2."""
+    from cai_ray.pipelines.rl_cai import update_policy
+
+    samples = [Sample(f"p{s.group_id}", "x", s.prompt_token_ids, "", s.response_token_ids,
+                      tuple(-1.0 for _ in s.response_token_ids), "stop", 0, i % 2)
+               for i, s in enumerate(_rollouts(8, num_prompts=2, k=2))]
+    pairs = _pairs(9, 2)
+    steps = [update_policy(group, samples, pairs, algorithm=algorithm, samples_per_prompt=2) for _ in range(2)]
+    assert steps[1]["policy/optimizer_steps"] - steps[0]["policy/optimizer_steps"] == CFG.num_policy_epochs == 2
+    if algorithm == "ppo":  # the critic steps with the policy, once per epoch
+        assert steps[1]["critic/optimizer_steps"] - steps[0]["critic/optimizer_steps"] == 2
 
 
 def test_save_load_then_next_steps_match_uninterrupted_run(group, tmp_path):

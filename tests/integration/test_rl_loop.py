@@ -1,4 +1,4 @@
-"""The product loop on the real CPU stack: SL + RL-CAI (sync and async), resume, a killed rollout actor."""
+"""The product loop on the real CPU stack: SL + RL-CAI (sync and async), resume, killed actors, empty iterations."""
 
 from __future__ import annotations
 
@@ -31,9 +31,15 @@ def sl_policy(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(run_dir / "sl" / "policy")
 
 
+EPOCHS = 2  # learner.num_policy_epochs of the loop runs: exactly this many policy optimizer steps per iteration
+
+
 def _check_history(history: list[dict[str, float]], iterations: int) -> None:
     assert [int(m["iteration"]) for m in history] == list(range(iterations))
+    # Counted by the policy's DeepSpeed engine (restored on resume); twice-applied epochs gave EPOCHS**2.
+    assert [m["policy/optimizer_steps"] for m in history] == [float(EPOCHS * (i + 1)) for i in range(iterations)]
     for m in history:
+        assert m["iteration/empty"] == 0.0
         assert m["samples/count"] > 0 and m["labels/count"] > 0
         assert 0.0 <= m["pm_fresh/accuracy"] <= 1.0
         assert math.isfinite(m["reward/mean"]) and math.isfinite(m["loss/pm"])
@@ -49,7 +55,8 @@ def uninterrupted(sl_policy: str, tmp_path_factory: pytest.TempPathFactory) -> t
     from cai_ray.pipelines.rl_cai import rl_cai
     from cai_ray.pipelines.run import run_dir_for
 
-    cfg = quickstart(tmp_path_factory.mktemp("full"), f"models.policy.name={sl_policy}")
+    cfg = quickstart(tmp_path_factory.mktemp("full"), f"models.policy.name={sl_policy}",
+                     f"learner.num_policy_epochs={EPOCHS}")
     return cfg, rl_cai(cfg, run_dir_for(cfg))
 
 
@@ -58,20 +65,21 @@ def test_sync_loop_from_sl_policy(uninterrupted: tuple[ExperimentConfig, list]) 
 
     cfg, history = uninterrupted
     _check_history(history, 2)
+    assert [m["samples/staleness_max"] for m in history] == [0.0, 0.0]  # sync: trained on the weights that sampled
     assert read_metrics(run_dir_for(cfg) / "metrics.jsonl")[-1]["iteration"] == 1
     assert (run_dir_for(cfg) / "labels" / "iter_0001.jsonl").is_file()
 
 
-def test_async_loop_drops_nothing_within_staleness(sl_policy: str, tmp_path: Path) -> None:
+def test_async_loop_trains_on_samples_one_version_old(sl_policy: str, tmp_path: Path) -> None:
     from cai_ray.pipelines.rl_cai import rl_cai
     from cai_ray.pipelines.run import run_dir_for
 
     cfg = quickstart(tmp_path, f"models.policy.name={sl_policy}", "schedule.mode=async", "schedule.num_iterations=3",
-                     "learner.algorithm=grpo")
+                     "learner.algorithm=grpo", f"learner.num_policy_epochs={EPOCHS}")
     history = rl_cai(cfg, run_dir_for(cfg))
     _check_history(history, 3)
-    # Iteration i>0 trains on samples generated one version earlier, inside the bound of 1.
-    assert sum(m["samples/dropped_stale"] for m in history) == 0
+    # Iteration i>0 trains on samples generated before iteration i-1's update was pushed.
+    assert [m["samples/staleness_max"] for m in history] == [0.0, 1.0, 1.0]
     assert all(m["timing/idle"] >= 0 and m["timing/checkpoint"] >= 0 for m in history)
 
 
@@ -80,44 +88,109 @@ def test_resume_reproduces_uninterrupted_run(uninterrupted: tuple[ExperimentConf
     from cai_ray.pipelines.rl_cai import rl_cai
     from cai_ray.pipelines.run import run_dir_for
 
+    from cai_ray.pipelines.checkpoint import ResumeError
+
     _, full = uninterrupted
-    part = quickstart(tmp_path, f"models.policy.name={sl_policy}", "schedule.num_iterations=1")
-    rl_cai(part, run_dir_for(part))
-    resumed_cfg = quickstart(tmp_path, f"models.policy.name={sl_policy}")  # same run folder, 2 iterations
+    args = (f"models.policy.name={sl_policy}", f"learner.num_policy_epochs={EPOCHS}")
+    with pytest.raises(ResumeError, match="no checkpoint under"):  # nothing to resume: an error, not iteration 0
+        rl_cai(quickstart(tmp_path, *args), run_dir_for(quickstart(tmp_path, *args)), resume=True)
+    part = quickstart(tmp_path, *args, "schedule.num_iterations=1")
+    run_dir = run_dir_for(part)
+    rl_cai(part, run_dir)
+    # As if the interrupted run had logged iteration 1 after its last checkpoint: the resume drops that row.
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 1, "iteration": 1.0, "leftover": 1.0}\n')
+    with pytest.raises(ResumeError, match=r"learner\.lr: 0\.0001 \(checkpoint\) != 0\.001 \(now\)"):
+        rl_cai(quickstart(tmp_path, *args, "learner.lr=1e-3"), run_dir, resume=True)  # refused before start-up
+    resumed_cfg = quickstart(tmp_path, *args)  # same run folder, 2 iterations
     resumed = rl_cai(resumed_cfg, run_dir_for(resumed_cfg), resume=True)
     assert [int(m["iteration"]) for m in resumed] == [1]
     keys = ["reward/mean", "pm_fresh/accuracy", "pm_fresh/loss", "loss/pm", "loss/dpo", "labels/prob_a_mean",
-            "response/length_mean"]
+            "response/length_mean", "policy/optimizer_steps"]
     for key in keys:
         assert resumed[0][key] == pytest.approx(full[1][key], rel=1e-4, abs=1e-5), key
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1] and "leftover" not in rows[1]
 
 
 def test_killed_rollout_and_feedback_actors_lose_no_work(ray_local: None, tmp_path: Path) -> None:
+    """A rollout worker dies in the async idle phase (the learner one update ahead of the engines), then a
+    feedback worker dies while labelling: nothing is lost, and every sample records the weights that made it."""
     import ray
 
     from cai_ray.pipelines.rl_cai import _iteration_prompts, _prompt_pool, make_pairs
     from cai_ray.pipelines.roles import start_roles
+    from cai_ray.types import TrainSequence
 
-    cfg = quickstart(tmp_path, "schedule.num_prompts_per_iteration=6")
+    # A large lr so that the learner's update moves log-probs far beyond the tolerance checked below.
+    cfg = quickstart(tmp_path, "schedule.num_prompts_per_iteration=6", "learner.lr=1e-2")
     prompts = _iteration_prompts(cfg, _prompt_pool(cfg), 0)
     roles = start_roles(cfg)
     try:
         roles.push_weights(1)
-        pending = roles.submit_generate(prompts, iteration=0)
-        ray.kill(roles.rollout[0], no_restart=False)  # dies with its batch in flight
-        samples = roles.collect(pending)
+        for _ in range(3):  # the policy update of iteration 1: the learner now holds version 2, not yet pushed
+            roles.learner.sft_step([TrainSequence((500 + i, 600 + i, 700), (800 + i, 900)) for i in range(4)])
+        pending = roles.submit_generate(prompts, iteration=1)  # sampled by the engines' version 1 ...
+        ray.kill(roles.rollout[0], no_restart=False)  # ... but the worker dies with its batch in flight
+        samples = list(roles.collect(pending, learner_version=2).samples)
         k = cfg.rollout.num_samples_per_prompt
         assert sorted(s.prompt_id for s in samples) == sorted(p.id for p in prompts for _ in range(k))
-        assert {s.weight_version for s in samples} == {1}  # the restarted engine got the current weights first
-        requests, _ = make_pairs(samples, iteration=0)
+        # The restarted engine got the learner's weights first; its samples carry their version (the bug: 1).
+        assert {s.weight_version for s in samples} == {2}
+        assert ray.get(roles.rollout[0].weight_version.remote(), timeout=60) == 2
+        # ... and really came from them: the learner's fp32 log-probs of the samples agree (vLLM vs HF: ~1e-5).
+        ours = roles.learner.policy_logprobs([TrainSequence(s.prompt_token_ids, s.response_token_ids)
+                                              for s in samples])
+        assert max(abs(a - b) for s, lp in zip(samples, ours, strict=True)
+                   for a, b in zip(s.response_logprobs, lp, strict=True)) < 1e-3
+        roles.push_weights(2)
+        requests, _ = make_pairs(samples, iteration=1)
         worker = roles.feedback.workers[0]
         ray.kill(worker, no_restart=False)
         labels = roles.feedback.label_pairs(requests)
         assert [lab.pair_id for lab in labels] == [r.pair_id for r in requests]
         assert all(lab.error is None for lab in labels)
-        assert ray.get(worker.weight_version.remote(), timeout=60) == 1  # re-synced through on_restart
+        assert ray.get(worker.weight_version.remote(), timeout=60) == 2  # re-synced through on_restart
     finally:
         roles.shutdown()
+
+
+def test_iterations_with_every_prompt_rejected_are_logged_empty_or_stop_the_run(ray_local: None,
+                                                                                tmp_path: Path) -> None:
+    from cai_ray.pipelines.rl_cai import EmptyIterationError, rl_cai
+    from cai_ray.pipelines.run import run_dir_for
+
+    # Every chat-templated prompt is longer than 8 tokens: each is rejected by id, nothing is sampled.
+    args = ("data.max_prompt_tokens=8", "data.overlong_prompt=reject", "schedule.mode=async",
+            "schedule.num_prompts_per_iteration=2", "schedule.helpful_fraction=0")
+    cfg = quickstart(tmp_path, *args)
+    history = rl_cai(cfg, run_dir_for(cfg))
+    assert [m["iteration/empty"] for m in history] == [1.0, 1.0]
+    for m in history:
+        assert m["iteration/empty_reason"].startswith("no samples: all 2 prompts were rejected (first: prompt '")
+        assert "exceeds data.max_prompt_tokens=8" in m["iteration/empty_reason"]
+        assert m["weight_version"] == 0.0 and "sync/total_s" not in m and m["samples/count"] == 0.0
+    rows = read_metrics(run_dir_for(cfg) / "metrics.jsonl")
+    assert [r["iteration/empty_reason"] for r in rows] == [m["iteration/empty_reason"] for m in history]
+    # The same run continued with on_empty_iteration=error stops at its next iteration, naming why.
+    more = quickstart(tmp_path, *args, "schedule.num_iterations=3", "schedule.on_empty_iteration=error")
+    with pytest.raises(EmptyIterationError, match=r"iteration 2 has nothing to train on: no samples: all 2 prompts"):
+        rl_cai(more, run_dir_for(more), resume=True)
+
+
+def test_a_failed_start_up_closes_the_metrics_writer_and_its_wandb_run(ray_local: None, tmp_path: Path) -> None:
+    import wandb
+
+    from cai_ray.launcher import RemoteCallError
+    from cai_ray.pipelines.rl_cai import rl_cai
+    from cai_ray.pipelines.run import run_dir_for
+
+    # No role fits on the 8-CPU local Ray: every placement group times out after 1 s.
+    cfg = quickstart(tmp_path, "logging.wandb_mode=offline", "cluster.placement_timeout_s=1",
+                     "rollout.resources.num_cpus=64", "feedback.resources.num_cpus=64", "learner.resources.num_cpus=64")
+    with pytest.raises(RemoteCallError, match="was not scheduled within 1s"):
+        rl_cai(cfg, run_dir_for(cfg))
+    assert wandb.run is None  # finished, not leaked into the next run of this process
 
 
 def test_eval_on_the_quickstart_checkpoints(uninterrupted: tuple[ExperimentConfig, list], tmp_path: Path) -> None:
