@@ -4,7 +4,7 @@ Each prompt goes through the model's chat template, then the prompt-length polic
 ``data.max_prompt_tokens`` tokens, or reject the prompt by id). Sampling uses the rollout config's
 temperature / top-p / length and a per-prompt seed derived from the caller's seed and the prompt id,
 so a batch is reproducible whichever worker serves it. Every sample carries the weight version that
-produced it, which the async schedule uses to drop stale samples.
+produced it (the loop logs how far behind the trained version they are).
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ class LoopState:
     def from_json(cls, raw: dict[str, Any]) -> LoopState:
         """Inverse of :meth:`to_json`."""
         replay = [[TrainPair(tuple(p["prompt_token_ids"]), tuple(p["response_a_token_ids"]),
-                             tuple(p["response_b_token_ids"]), p["prob_a"]) for p in window] for window in raw["replay"]]
+                             tuple(p["response_b_token_ids"]), p["prob_a"]) for p in window]
+                  for window in raw["replay"]]
         return cls(raw["iteration"], raw["version"], replay)
 
 
