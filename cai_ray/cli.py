@@ -21,6 +21,16 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from cai_ray.plan import format_plan, make_plan
+
+    plan = make_plan(load_config(args.config, args.set))
+    print(json.dumps(plan.to_json(), indent=1) if args.json else format_plan(plan))
+    return 0
+
+
 def _constitution_validate(args: argparse.Namespace) -> int:
     failed = 0
     for ref in args.files:
@@ -115,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", nargs="?", help="experiment YAML (defaults if omitted)")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     show.set_defaults(func=_config_show)
+
+    plan = sub.add_parser("plan", help="dry run: each role's actors, placement, device and backend; what the run "
+                                       "asks the cluster for (no cluster, no model)")
+    with_config(plan)
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(func=_plan)
 
     con = sub.add_parser("constitution", help="work with constitutions").add_subparsers(dest="action", required=True)
     val = con.add_parser("validate", help="validate constitution YAML files")
