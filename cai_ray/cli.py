@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -176,6 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def source_removed_message() -> str | None:
+    """Why a lazy import of cai-ray's own code failed, if its folder was deleted under this process."""
+    here = Path(__file__).resolve().parent
+    try:
+        os.getcwd()
+        cwd_gone = False
+    except FileNotFoundError:
+        cwd_gone = True
+    if not cwd_gone and (here / "cli.py").is_file():
+        return None
+    return (f"the cai_ray code this process runs ({here}) was deleted while it ran. Under `ray job submit "
+            "--working-dir`, each raylet unpacks the job's working_dir in its Ray temp dir; several raylets on one "
+            "host share the head's temp dir unless started with their own `--temp-dir`, and a second raylet "
+            "re-extracts the folder the driver runs from. Start every raylet on a host with its own --temp-dir.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cai-ray`` and ``python -m cai_ray``."""
     args = build_parser().parse_args(argv)
@@ -184,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         return func(args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        reason = source_removed_message() if (err.name or "").startswith("cai_ray") else None
+        if reason is None:
+            raise
+        print(f"error: {err}: {reason}", file=sys.stderr)
         return 2
 
 
