@@ -126,7 +126,7 @@ def _learner_devices(worker: Any) -> dict[str, str]:
             "param_device": param.device.type, "dtype": str(param.dtype).removeprefix("torch.")}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # function scope: its GPU share must be free again for the RL iteration below
 def learner_and_engine(ray_local: None, tiny_model_path: str) -> Iterator[tuple[Any, Any, ModelConfig, bool]]:
     from cai_ray.inference.rollout import start_rollout_workers
     from cai_ray.training.group import LearnerGroup
