@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,7 +56,7 @@ def _result(proc: subprocess.CompletedProcess[str]) -> dict:
 
 @contextlib.contextmanager
 def _raylets(temp_dirs: list[str]) -> Iterator[list[subprocess.Popen]]:
-    """Collects `ray start --block` processes; on exit stops them and any process of theirs left behind."""
+    """Collects `ray start --block` processes; on exit stops them, any process of theirs left behind, their dirs."""
     procs: list[subprocess.Popen] = []
     try:
         yield procs
@@ -67,6 +68,8 @@ def _raylets(temp_dirs: list[str]) -> Iterator[list[subprocess.Popen]]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         _kill_processes_naming(temp_dirs)
+        for temp in temp_dirs:
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def _kill_processes_naming(markers: list[str]) -> None:
