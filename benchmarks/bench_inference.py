@@ -87,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ResourcesConfig,
         RolloutConfig,
     )
+    from cai_ray.backend import decide
     from cai_ray.constitution import comparison_prompt, load_constitution, render_chat
     from cai_ray.data import load_prompts
     from cai_ray.inference.engine import engine_args, stable_seed
@@ -109,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     init_ray(cluster)
 
     # The direct engine: exactly the arguments the rollout actor's engine gets.
-    llm = LLM(**engine_args(model, engine, seed=stable_seed(args.seed, "rollout-engine", 0)))
+    llm = LLM(**engine_args(model, engine, backend=decide("rollout", resources),
+                            seed=stable_seed(args.seed, "rollout-engine", 0)))
     tokenizer = llm.get_tokenizer()
     constitution = load_constitution(constitution_cfg.path)
     records = load_prompts("redteam_train") + load_prompts("helpful_train")

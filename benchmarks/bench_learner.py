@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     group = LearnerGroup(learner, ModelsConfig(policy=ModelConfig(name=model_path)), cluster, seed=0,
                          roles=LearnerRoles(reference=False))
     plain = [launcher.spawn(PlainDeepSpeedLoop, rank=i, world_size=args.num_ranks, learner=learner,
-                            model_path=model_path, seed=0, resources=learner.resources)
+                            model_path=model_path, seed=0, role="learner", resources=learner.resources)
              for i in range(args.num_ranks)]
     names = [f"plain rank {i}" for i in range(args.num_ranks)]
     try:

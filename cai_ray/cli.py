@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -19,6 +20,16 @@ USER_ERRORS = (ConfigError, ConstitutionError, DatasetError, ModelNotFoundError,
 
 def _config_show(args: argparse.Namespace) -> int:
     print(dump_config(load_config(args.config, args.set)), end="")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from cai_ray.plan import format_plan, make_plan
+
+    plan = make_plan(load_config(args.config, args.set))
+    print(json.dumps(plan.to_json(), indent=1) if args.json else format_plan(plan))
     return 0
 
 
@@ -117,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     show.set_defaults(func=_config_show)
 
+    plan = sub.add_parser("plan", help="dry run: each role's actors, placement, device and backend; what the run "
+                                       "asks the cluster for (no cluster, no model)")
+    with_config(plan)
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(func=_plan)
+
     con = sub.add_parser("constitution", help="work with constitutions").add_subparsers(dest="action", required=True)
     val = con.add_parser("validate", help="validate constitution YAML files")
     val.add_argument("files", nargs="+", help="paths or shipped names")
@@ -161,6 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def source_removed_message() -> str | None:
+    """Why a lazy import of cai-ray's own code failed, if its folder was deleted under this process."""
+    here = Path(__file__).resolve().parent
+    try:
+        os.getcwd()
+        cwd_gone = False
+    except FileNotFoundError:
+        cwd_gone = True
+    if not cwd_gone and (here / "cli.py").is_file():
+        return None
+    return (f"the cai_ray code this process runs ({here}) was deleted while it ran. Under `ray job submit "
+            "--working-dir`, each raylet unpacks the job's working_dir in its Ray temp dir; several raylets on one "
+            "host share the head's temp dir unless started with their own `--temp-dir`, and a second raylet "
+            "re-extracts the folder the driver runs from. Start every raylet on a host with its own --temp-dir.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cai-ray`` and ``python -m cai_ray``."""
     args = build_parser().parse_args(argv)
@@ -169,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         return func(args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        reason = source_removed_message() if (err.name or "").startswith("cai_ray") else None
+        if reason is None:
+            raise
+        print(f"error: {err}: {reason}", file=sys.stderr)
         return 2
 
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cai_ray.backend import decide, resolve_sync_transport
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file, the key path and the fix."""
@@ -219,7 +221,8 @@ class SyncConfig(_Strict):
     """Pushing learner weights into the vLLM engines."""
 
     transport: Literal["auto", "gloo", "nccl", "object_store"] = Field(
-        "auto", description="'auto' picks gloo on CPU and nccl on GPU."
+        "auto", description="'auto': nccl when the learner and every synced engine hold whole GPUs, gloo when all "
+        "run on CPU or share GPUs; a CPU/GPU mix must name gloo or object_store."
     )
     bucket_size_mb: int = Field(256, gt=0, description="Flat bucket size for streamed tensors.")
     timeout_s: float = Field(120.0, gt=0, description="Deadline for one whole sync.")
@@ -238,6 +241,9 @@ class SLConfig(_Strict):
     micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per step.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers for the SFT job.")
     max_failures: int = Field(1, ge=0, description="Ray Train FailureConfig retries.")
+    resources: ResourcesConfig = Field(
+        default_factory=ResourcesConfig, description="What each SFT worker asks Ray for (GPUs: CUDA + NCCL)."
+    )
 
 
 class ScheduleConfig(_Strict):
@@ -337,11 +343,19 @@ class ExperimentConfig(_Strict):
                 f"({self.learner.collective_timeout_s}): a failed sync must end before the learner's collectives "
                 "time out"
             )
-        if self.sync.transport == "nccl" and self.learner.resources.num_gpus == 0:
-            raise ValueError(
-                "sync.transport 'nccl' needs GPUs: set learner.resources.num_gpus > 0 or sync.transport=auto"
-            )
+        self.resolved_sync_transport()  # a layout no transport can serve fails here, naming the keys
         return self
+
+    def sync_targets(self) -> list[tuple[str, ResourcesConfig]]:
+        """The engine roles the learner pushes weights into: rollout, and feedback when it is the policy."""
+        synced_feedback = self.models.feedback is None and self.sync.sync_feedback_engines
+        return [("rollout", self.rollout.resources)] + ([("feedback", self.feedback.resources)] if synced_feedback
+                                                         else [])
+
+    def resolved_sync_transport(self) -> str:
+        """``sync.transport`` with 'auto' resolved from the learner's and the synced engines' resources."""
+        return resolve_sync_transport(self.sync.transport, learner=decide("learner", self.learner.resources),
+                                      engines=[decide(role, res) for role, res in self.sync_targets()])
 
 
 # ------------------------------------------------------------------------------------- loading

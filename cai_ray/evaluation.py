@@ -351,7 +351,7 @@ def score_with_preference_model(path: str, samples: Sequence[Sample], *, model: 
     import torch
     from transformers import AutoTokenizer
 
-    from cai_ray.backend import detect
+    from cai_ray.backend import this_process
     from cai_ray.training.modeling import ScalarHeadModel, collate_sequences, last_token_scores, micro_batches
     from cai_ray.types import TrainSequence
 
@@ -362,7 +362,7 @@ def score_with_preference_model(path: str, samples: Sequence[Sample], *, model: 
         if AutoTokenizer.from_pretrained(ref).get_vocab() != vocab:
             raise ConfigError(f"--preference-model {path}: its tokenizer differs from checkpoint {ref}'s; the "
                               "preference model scores the checkpoints' token ids, so they must share a tokenizer")
-    backend = detect()
+    backend = this_process()  # the scoring runs right here, so this process's own hardware decides
     pm = ScalarHeadModel.from_pretrained(path, dtype=backend.torch_dtype(model.dtype),
                                          trust_remote_code=model.trust_remote_code).to(backend.device).eval()
     seqs = [TrainSequence(s.prompt_token_ids, s.response_token_ids) for s in samples]

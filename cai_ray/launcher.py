@@ -2,8 +2,8 @@
 
 Roles are plain classes (testable in-process); here they get ``ray.remote`` options, a placement-group
 bundle sized from their config (so an autoscaler can add nodes while a group is pending), restart
-policy and the environment from :mod:`cai_ray.backend`. Every wait has a deadline: a dead or stuck
-actor becomes :class:`RemoteCallError` naming it, never a hang.
+policy and the env of their role's backend decision (:mod:`cai_ray.backend`). Every wait has a
+deadline: a dead or stuck actor becomes :class:`RemoteCallError` naming it, never a hang.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cai_ray.backend import actor_env
+from cai_ray.backend import RoleBackend, decide
 from cai_ray.config import ClusterConfig, ResourcesConfig
 
 T = TypeVar("T")
@@ -32,27 +32,23 @@ class RemoteCallError(RuntimeError):
 
 
 def init_ray(cluster: ClusterConfig) -> None:
-    """Join ``cluster.address`` / ``RAY_ADDRESS`` if given, else start a small local Ray."""
+    """Join ``cluster.address`` / ``RAY_ADDRESS`` if given, else start a small local Ray.
+
+    No job-level runtime env: Ray merges it into every actor, and what an actor needs depends on its role
+    (:func:`spawn` gives each its own). A ``ray job submit`` job keeps its ``working_dir`` untouched.
+    """
     if ray.is_initialized():
         return
-    env = {"env_vars": actor_env("cpu" if not _cuda() else "cuda")}
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
         return
     ray.init(
         address="local",  # a private cluster, never a `ray start` one that happens to run on this host
         num_cpus=cluster.num_cpus,
         include_dashboard=False,
         object_store_memory=cluster.object_store_memory_mb << 20,
-        runtime_env=env,
     )
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def bundle(resources: ResourcesConfig) -> dict[str, float]:
@@ -76,21 +72,55 @@ def reserve(bundles: Sequence[dict[str, float]], *, strategy: str, timeout_s: fl
     return pg
 
 
-def spawn(cls: type[T], *args: Any, resources: ResourcesConfig, pg: PlacementGroup | None = None,
+def spawn(cls: type[T], *args: Any, role: str, resources: ResourcesConfig, pg: PlacementGroup | None = None,
           bundle_index: int = -1, max_restarts: int = 0, name: str | None = None, **kwargs: Any) -> Any:
-    """Start ``cls`` as a Ray actor in bundle ``bundle_index`` of ``pg`` and return its handle."""
+    """Start ``cls`` as a Ray actor of ``role`` in bundle ``bundle_index`` of ``pg`` and return its handle.
+
+    Its env comes from the role's decision (:func:`cai_ray.backend.decide`); the role's constructor checks
+    what the actor got against the same decision (:func:`cai_ray.backend.enter_role`).
+    """
     options: dict[str, Any] = {
         "num_cpus": resources.num_cpus,
         "num_gpus": resources.num_gpus,
         "max_restarts": max_restarts,
         "max_task_retries": 0,  # callers retry explicitly so no item is done twice
-        "runtime_env": {"env_vars": actor_env("cuda" if resources.num_gpus else "cpu")},
+        "runtime_env": {"env_vars": decide(role, resources).env},
     }
     if name:
         options["name"] = name
     if pg is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index)
     return ray.remote(cls).options(**options).remote(*args, **kwargs)
+
+
+def wait_started(actors: Sequence[Any], *, names: Sequence[str], decision: RoleBackend,
+                 timeout_s: float) -> list[dict[str, Any]]:
+    """Wait until every actor's constructor has finished; print where each runs and from which code.
+
+    A constructor that raised (a role mismatch, a model that does not load) fails here, naming the actor.
+    """
+    reports = get_all([a.__ray_call__.remote(_whereabouts) for a in actors], timeout_s=timeout_s, names=names)
+    for name, r in zip(names, reports, strict=True):
+        print(f"{name}: node {r['node_ip']} [{r['node_id'][:8]}] pid {r['pid']}, {decision.device}/"
+              f"{decision.dist_backend}, GPU ids {r['gpu_ids'] or 'none'}, cai_ray from {r['source']}", flush=True)
+    return reports
+
+
+def _whereabouts(_actor: Any) -> dict[str, Any]:
+    """Runs inside an actor (through ``__ray_call__``): its node, process, GPUs and the code it imported."""
+    import cai_ray
+
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "source": os.path.dirname(cai_ray.__file__)}
+
+
+def _reason(err: Exception) -> str:
+    """One line saying why a remote call failed; for a constructor that raised, its exception line."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed and lines:
+        return f"its constructor raised {lines[-1].strip()}"
+    return lines[0] if lines else type(err).__name__
 
 
 def get(refs: Any, *, timeout_s: float, what: str) -> Any:
@@ -100,7 +130,7 @@ def get(refs: Any, *, timeout_s: float, what: str) -> Any:
     except ray.exceptions.GetTimeoutError:
         raise RemoteCallError(f"{what}: no answer within {timeout_s:.0f}s") from None
     except ray.exceptions.RayActorError as err:
-        raise RemoteCallError(f"{what}: the actor died ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+        raise RemoteCallError(f"{what}: the actor died ({type(err).__name__}: {_reason(err)})") from err
     except ray.exceptions.RayTaskError as err:
         raise RemoteCallError(f"{what}: failed: {err.cause!r}") from err
 
@@ -118,7 +148,7 @@ def get_all(refs: Sequence[Any], *, timeout_s: float, names: Sequence[str]) -> l
             results[i] = ray.get(ref, timeout=0)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
             failed.append(i)
-            errors.append(f"{names[i]}: {type(err).__name__}: {str(err).splitlines()[0]}")
+            errors.append(f"{names[i]}: {type(err).__name__}: {_reason(err)}")
     if errors:
         raise RemoteCallError("; ".join(errors), failed=[names[i] for i in sorted(failed)])
     return results

@@ -285,20 +285,24 @@ def receive_from_object_store(engine: Any, buckets: list[ObjectStoreBucket], ver
 
 
 class WeightSync:
-    """Pushes the learner's policy into named engine actors with the configured transport.
+    """Pushes the learner's policy into named engine actors with ``transport``.
+
+    The transport is decided from the learner's and the engines' resources (never from the driver's
+    hardware): see :func:`cai_ray.backend.resolve_sync_transport`.
 
     Learner ranks expose ``open_sync_store``, ``send_weights(spec, bucket_bytes)`` and
     ``put_weights(bucket_bytes)``; engines expose ``receive_weights(spec, rank)``,
     ``receive_weights_object_store(buckets, version)`` and ``weight_version()``.
     """
 
-    def __init__(self, cfg: Any, learner: Any, targets: list[tuple[str, Any]]) -> None:
-        from cai_ray.backend import detect
-
+    def __init__(self, cfg: Any, learner: Any, targets: list[tuple[str, Any]], *, transport: str) -> None:
+        if transport not in ("gloo", "nccl", "object_store"):
+            raise ValueError(f"WeightSync: transport {transport!r} must be resolved first (gloo, nccl or "
+                             "object_store; ExperimentConfig.resolved_sync_transport() resolves 'auto')")
         self.cfg = cfg
         self.learner = learner
         self.targets = dict(targets)
-        self.transport = detect().resolve_transport(cfg.transport)
+        self.transport = transport
         self.bucket_bytes = cfg.bucket_size_mb << 20
         self.stale: set[str] = set()  # engines whose last sync failed (they still hold a complete older version)
 

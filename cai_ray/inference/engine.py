@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from cai_ray.backend import apply_process_env, detect
+from cai_ray.backend import RoleBackend, apply_env, decide
 from cai_ray.config import EngineConfig, ModelConfig
 from cai_ray.models import resolve_model
 from cai_ray.sync import GroupSpec, ObjectStoreBucket, SyncTimings, receive_from_object_store, receive_into
@@ -78,9 +78,8 @@ def fit_prompt(token_ids: Sequence[int], *, max_tokens: int, overlong: Literal["
     )
 
 
-def engine_args(model: ModelConfig, engine: EngineConfig, *, seed: int) -> dict[str, Any]:
+def engine_args(model: ModelConfig, engine: EngineConfig, *, backend: RoleBackend, seed: int) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM`` (also used by benchmarks to build the same engine directly)."""
-    backend = detect()
     return {
         "model": resolve_model(model.name, revision=model.revision),
         "revision": model.revision,
@@ -102,11 +101,11 @@ def engine_args(model: ModelConfig, engine: EngineConfig, *, seed: int) -> dict[
 class Engine:
     """One vLLM engine in this process, with a weight version."""
 
-    def __init__(self, model: ModelConfig, engine: EngineConfig, *, seed: int = 0) -> None:
-        apply_process_env(detect().device)  # before vLLM is imported: in-process engine core
+    def __init__(self, model: ModelConfig, engine: EngineConfig, *, backend: RoleBackend, seed: int = 0) -> None:
+        apply_env(backend)  # before vLLM is imported: in-process engine core
         from vllm import LLM
 
-        self._llm = LLM(**engine_args(model, engine, seed=seed))
+        self._llm = LLM(**engine_args(model, engine, backend=backend, seed=seed))
         self._tokenizer = self._llm.get_tokenizer()
         self._version = 0
         self.max_model_len = model.max_model_len
@@ -273,7 +272,7 @@ def start_engine_actors(cls: type, *, role: str, num_workers: int, engine: Engin
     import ray
     from ray.util.placement_group import remove_placement_group
 
-    from cai_ray.launcher import bundle, get_all, reserve, spawn
+    from cai_ray.launcher import bundle, reserve, spawn, wait_started
 
     tp = engine.tensor_parallel_size
     if tp > 1 and resources.num_gpus < tp:
@@ -287,9 +286,10 @@ def start_engine_actors(cls: type, *, role: str, num_workers: int, engine: Engin
     try:
         for i in range(num_workers):
             a, kw = args(i)
-            workers.append(spawn(cls, *a, **kw, resources=resources, pg=pg, bundle_index=i, max_restarts=max_restarts))
-        get_all([w.weight_version.remote() for w in workers], timeout_s=cluster.remote_call_timeout_s,
-                names=[f"{role} worker {i}" for i in range(num_workers)])
+            workers.append(spawn(cls, *a, **kw, role=role, resources=resources, pg=pg, bundle_index=i,
+                                 max_restarts=max_restarts))
+        wait_started(workers, names=[f"{role} worker {i}" for i in range(num_workers)],
+                     decision=decide(role, resources), timeout_s=cluster.remote_call_timeout_s)
     except BaseException:
         for w in workers:
             ray.kill(w, no_restart=True)

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cai_ray.backend import enter_role
 from cai_ray.config import ClusterConfig, ConstitutionConfig, DataConfig, FeedbackConfig, ModelConfig
 from cai_ray.constitution import (
     ANSWER_PREFIX,
@@ -177,7 +178,8 @@ class FeedbackWorker(EngineWeights):
 
     def __init__(self, model: ModelConfig, feedback: FeedbackConfig, constitution: ConstitutionConfig,
                  data: DataConfig, *, seed: int = 0) -> None:
-        self._engine = Engine(model, feedback.engine, seed=seed)
+        backend = enter_role("feedback", feedback.resources, uses_vllm=True)
+        self._engine = Engine(model, feedback.engine, backend=backend, seed=seed)
         self._cfg = feedback
         self._constitution: Constitution = load_constitution(constitution.path)
         self._tiers = constitution.tiers

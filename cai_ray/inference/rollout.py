@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cai_ray.backend import enter_role
 from cai_ray.config import ClusterConfig, DataConfig, ModelConfig, RolloutConfig
 from cai_ray.constitution import render_chat
 from cai_ray.inference.engine import (
@@ -33,7 +34,8 @@ class RolloutWorker(EngineWeights):
     """One policy engine. A plain class; :func:`start_rollout_workers` makes it a Ray actor."""
 
     def __init__(self, model: ModelConfig, rollout: RolloutConfig, data: DataConfig, *, seed: int = 0) -> None:
-        self._engine = Engine(model, rollout.engine, seed=seed)
+        backend = enter_role("rollout", rollout.resources, uses_vllm=True)
+        self._engine = Engine(model, rollout.engine, backend=backend, seed=seed)
         self._rollout = rollout
         # The prompt must leave room for at least one new token.
         self._max_prompt_tokens = min(data.max_prompt_tokens, model.max_model_len - 1)

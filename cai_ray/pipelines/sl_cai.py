@@ -49,7 +49,7 @@ def sl_cai(cfg: ExperimentConfig, run_dir: Path) -> str:
     ray.data.from_items([{"prompt": r["prompt"], "response": r["response"], "source": r["source"]} for r in rows]) \
         .write_parquet(str((out / "sft_data.parquet").resolve()))
     result = run_sft([(r["prompt"], r["response"]) for r in rows], model=cfg.models.policy, sl=cfg.sl,
-                     learner=cfg.learner, run_dir=str(out), seed=cfg.seed)
+                     learner=cfg.learner, cluster=cfg.cluster, run_dir=str(out), seed=cfg.seed)
     return result.policy_path
 
 

@@ -20,6 +20,7 @@ import ray
 from ray.util.placement_group import remove_placement_group
 
 from cai_ray import launcher
+from cai_ray.backend import decide
 from cai_ray.config import ClusterConfig, LearnerConfig, ModelsConfig
 from cai_ray.training.learner import CRITIC_FREE_ESTIMATORS, LearnerRoles, LearnerWorker, Metrics
 from cai_ray.training.modeling import group_size, shard
@@ -46,9 +47,12 @@ class LearnerGroup:
         try:
             self._ranks = [
                 launcher.spawn(LearnerWorker, rank=i, world_size=n, learner=learner, models=models, seed=seed,
-                               roles=self.roles, resources=learner.resources, pg=self._pg, bundle_index=i)
+                               roles=self.roles, role="learner", resources=learner.resources, pg=self._pg,
+                               bundle_index=i)
                 for i in range(n)
             ]
+            launcher.wait_started(self._ranks, names=self.names, decision=decide("learner", learner.resources),
+                                  timeout_s=self.timeout_s)
             addr, port = launcher.get(self._ranks[0].open_rendezvous.remote(), timeout_s=self.timeout_s,
                                       what="learner rank 0: open_rendezvous")
             self.rank_info = self._all("setup", addr, port)

@@ -43,7 +43,7 @@ from cai_ray.algorithms.dpo import dpo_loss
 from cai_ray.algorithms.ppo import gae_advantages, kl_k1, kl_k3, kl_penalized_rewards, policy_loss, value_loss
 from cai_ray.algorithms.preference import preference_loss
 from cai_ray.algorithms.sft import sft_loss
-from cai_ray.backend import apply_process_env, detect
+from cai_ray.backend import enter_role
 from cai_ray.config import LearnerConfig, ModelConfig, ModelsConfig
 from cai_ray.sync import GroupSpec, ObjectStoreBucket, StatelessGroupTransport, SyncTimings, object_store_send
 from cai_ray.training import engine as ds
@@ -88,8 +88,7 @@ class LearnerWorker:
                  roles: LearnerRoles) -> None:
         self.rank, self.world_size = rank, world_size
         self.cfg, self.models, self.seed, self.roles = learner, models, seed, roles
-        self.backend = detect(learner.resources.num_gpus)
-        apply_process_env(self.backend.device)
+        self.backend = enter_role("learner", learner.resources, uses_vllm=False)
         self._store: torch.distributed.TCPStore | None = None
         self._sync_store: torch.distributed.TCPStore | None = None  # rank 0: the current weight sync's store
         self.policy: Any = None

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai_ray.config import LearnerConfig, ModelConfig, SLConfig
+from cai_ray.config import ClusterConfig, LearnerConfig, ModelConfig, SLConfig
 from cai_ray.types import TrainSequence
 
 HF_DIR = "hf"
@@ -56,17 +56,19 @@ def encode_text_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], *, max_l
 
 
 def run_sft(data: Sequence[tuple[str, str]] | Sequence[TrainSequence], *, model: ModelConfig, sl: SLConfig,
-            learner: LearnerConfig, run_dir: str, seed: int = 0) -> SFTResult:
+            learner: LearnerConfig, cluster: ClusterConfig, run_dir: str, seed: int = 0) -> SFTResult:
     """Fine-tune ``model`` on ``data`` with ``sl.num_workers`` Ray Train workers; returns the HF policy folder.
 
-    ``learner`` supplies the engine settings (ZeRO stage, offload, grad clip, worker resources); ``sl``
-    the job's own (epochs, lr, micro-batch, workers, retries). Needs a running Ray.
+    ``learner`` supplies the engine settings (ZeRO stage, offload, grad clip); ``sl`` the job's own (epochs,
+    lr, micro-batch, workers, retries, and each worker's ``resources``, from which the Ray Train backend
+    (gloo | nccl) and the workers' env follow); ``cluster`` the placement strategy. Needs a running Ray.
     """
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from transformers import AutoTokenizer
 
-    from cai_ray.backend import actor_env, detect
+    from cai_ray.backend import decide
+    from cai_ray.launcher import bundle
     from cai_ray.models import resolve_model
 
     path = resolve_model(model.name, revision=model.revision)
@@ -75,22 +77,22 @@ def run_sft(data: Sequence[tuple[str, str]] | Sequence[TrainSequence], *, model:
         data = encode_text_pairs(tokenizer, data, max_len=model.max_model_len)  # type: ignore[arg-type]
     if not data:
         raise ValueError("run_sft: no training data")
-    use_gpu = learner.resources.num_gpus > 0
-    backend = detect(learner.resources.num_gpus)
-    resources = {"CPU": learner.resources.num_cpus} | ({"GPU": learner.resources.num_gpus} if use_gpu else {})
+    backend = decide("sft", sl.resources)
     root = Path(run_dir).resolve()
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"data": list(data), "model_path": path, "model": model, "sl": sl, "learner": learner,
                            "seed": seed},
         torch_config=TorchConfig(backend=backend.dist_backend, timeout_s=int(learner.collective_timeout_s)),
-        scaling_config=ScalingConfig(num_workers=sl.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=sl.num_workers, use_gpu=backend.device == "cuda",
+                                     resources_per_worker=bundle(sl.resources),
+                                     placement_strategy=cluster.placement_strategy),
         run_config=RunConfig(
             name="sft",
             storage_path=str(root / "ray_train"),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=sl.max_failures),
-            worker_runtime_env={"env_vars": actor_env(backend.device)},
+            worker_runtime_env={"env_vars": backend.env},
         ),
     )
     result = trainer.fit()
@@ -111,10 +113,11 @@ def _train_loop(config: dict[str, Any]) -> None:
     import datetime
 
     import ray.train
+    import ray.train.torch
     import torch
 
     from cai_ray.algorithms.sft import sft_loss
-    from cai_ray.backend import apply_process_env, detect
+    from cai_ray.backend import enter_role
     from cai_ray.training import engine as ds
     from cai_ray.training.modeling import collate_sequences, shard
 
@@ -123,8 +126,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     model_cfg: ModelConfig = config["model"]
     data: list[TrainSequence] = config["data"]
     seed: int = config["seed"]
-    backend = detect(learner.resources.num_gpus)
-    apply_process_env(backend.device)
+    backend = enter_role("sft", sl.resources, uses_vllm=False)
     import deepspeed
     from transformers import AutoModelForCausalLM
 
@@ -140,7 +142,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     engine = ds.wrap(module, config=ds.ds_config(learner, world_size=world, dtype=dtype,
                                                  micro_batch_size=sl.micro_batch_size),
                      lr=sl.lr, weight_decay=learner.weight_decay, gradient_checkpointing=learner.gradient_checkpointing)
-    device = torch.device("cuda" if backend.device == "cuda" else "cpu")
+    # Ray Train shows a node's workers all of their GPUs and has set each one's own as the current device.
+    device = ray.train.torch.get_device() if backend.device == "cuda" else torch.device("cpu")
 
     start_epoch = 0
     resume = ray.train.get_checkpoint()

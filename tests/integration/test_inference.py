@@ -59,9 +59,11 @@ def _hf_logprobs(model: Any, prompt_ids: list[int], continuation: list[int]) -> 
 
 @pytest.fixture(scope="module")
 def engine(model_cfg: ModelConfig) -> Any:
+    from cai_ray.backend import decide
+    from cai_ray.config import ResourcesConfig
     from cai_ray.inference.engine import Engine
 
-    return Engine(model_cfg, SMALL_ENGINE, seed=0)
+    return Engine(model_cfg, SMALL_ENGINE, backend=decide("engine", ResourcesConfig()), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cai_ray.config import LearnerConfig, ModelConfig, SLConfig
+from cai_ray.config import ClusterConfig, LearnerConfig, ModelConfig, SLConfig
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ def test_sft_job_writes_a_loadable_hf_policy(ray_local, tiny_model_path, tmp_pat
     result = run_sft(data, model=ModelConfig(name=tiny_model_path),
                      sl=SLConfig(num_workers=2, num_epochs=1, lr=1e-3, micro_batch_size=2, max_failures=1),
                      learner=LearnerConfig(zero_stage=3, zero3_param_persistence_threshold=0, collective_timeout_s=120),
-                     run_dir=str(tmp_path), seed=0)
+                     cluster=ClusterConfig(), run_dir=str(tmp_path), seed=0)
     assert result.metrics["steps"] == 3  # 10 rows / (2 workers x 2 rows), the last batch half filler
 
     tuned = AutoModelForCausalLM.from_pretrained(result.policy_path, dtype=torch.float32).eval()

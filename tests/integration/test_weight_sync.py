@@ -93,7 +93,7 @@ def _train(group, steps: int = 2) -> None:
 
 def test_gloo_sync_makes_every_engine_match_the_learner_three_times(setup) -> None:
     group, targets, model = setup
-    sync = WeightSync(SyncConfig(transport="gloo", bucket_size_mb=1, timeout_s=60), group, targets)
+    sync = WeightSync(SyncConfig(transport="gloo", bucket_size_mb=1, timeout_s=60), group, targets, transport="gloo")
     for version in (1, 2, 3):
         _train(group)
         expected = _hf_logprob(group, model.name)
@@ -113,7 +113,7 @@ def test_object_store_sync_matches_too(setup) -> None:
     group, targets, model = setup
     _train(group, steps=1)
     expected = _hf_logprob(group, model.name)
-    WeightSync(SyncConfig(transport="object_store", timeout_s=60), group, targets).push(10)
+    WeightSync(SyncConfig(transport="object_store", timeout_s=60), group, targets, transport="object_store").push(10)
     for name, actor in targets:
         assert abs(_engine_logprob(actor) - expected) < 1e-4, name
 
@@ -125,7 +125,8 @@ def test_killed_receiver_is_a_clear_error_and_the_next_sync_succeeds(setup) -> N
 
     group, targets, model = setup
     timeout_s = 20.0
-    sync = WeightSync(SyncConfig(transport="gloo", bucket_size_mb=1, timeout_s=timeout_s), group, targets)
+    sync = WeightSync(SyncConfig(transport="gloo", bucket_size_mb=1, timeout_s=timeout_s), group, targets,
+                      transport="gloo")
     sync.bucket_bytes = 64 << 10  # many small buckets: the kill lands mid-transfer
     _train(group, steps=1)
     victim_name, victim = targets[1]
