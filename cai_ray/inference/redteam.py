@@ -75,14 +75,15 @@ class Candidate:
     prompt: str
 
 
-def screen(requests: Sequence[AttackRequest], proposals: Sequence[AttackProposal], *, similarity: Similarity,
+def screen(requests: Sequence[AttackRequest], proposals: Sequence[AttackProposal], *, copies: Similarity,
            keep_unfinished: bool) -> tuple[list[Candidate], dict[str, int]]:
     """The proposals worth judging, and how many were filtered for each of :data:`FILTER_REASONS`.
 
     Checked in order: the engine failed (``error``); nothing left after cleaning (``empty``); cut at
     ``max_new_tokens`` before the line ended, unless ``keep_unfinished`` (``overlong``); a refusal to
-    red-team (``refusal``); near-duplicate of one of its own few-shot examples (``copy``); the same text as an
-    earlier candidate of this batch, ignoring case (``repeat``).
+    red-team (``refusal``); a near-copy of one of its own few-shot examples by the ``copies`` test (``copy``;
+    lexical, so that a rewrite of an example in another style is not a copy); the same text as an earlier
+    candidate of this batch, ignoring case (``repeat``).
     """
     counts = dict.fromkeys(FILTER_REASONS, 0)
     kept: list[Candidate] = []
@@ -97,7 +98,7 @@ def screen(requests: Sequence[AttackRequest], proposals: Sequence[AttackProposal
             reason = "overlong"
         elif is_refusal(text):
             reason = "refusal"
-        elif similarity.near_duplicate(text, request.examples):
+        elif copies.near_duplicate(text, request.examples):
             reason = "copy"
         elif text.lower() in seen:
             reason = "repeat"

@@ -48,6 +48,7 @@ from cai_ray.redteam_archive import (
     REPLACED,
     Attack,
     AttackArchive,
+    CharNgramSimilarity,
     Similarity,
     make_similarity,
 )
@@ -106,7 +107,8 @@ class _Setup:
 
     categories: list[str]
     examples: dict[str, list[str]]
-    similarity: Similarity
+    similarity: Similarity  # the archive's near-duplicate test
+    copies: CharNgramSimilarity  # the proposals' copy test
 
 
 class RedTeam:
@@ -121,7 +123,8 @@ class RedTeam:
                                    max_rows=seeds.max_rows)
             categories = resolve_categories(cfg, records, seeds.path)
             self._setup = _Setup(categories, examples_by_category(records, categories, cfg.category_field),
-                                 make_similarity(cfg.similarity, cfg.similarity_threshold))
+                                 make_similarity(cfg.similarity, cfg.similarity_threshold),
+                                 CharNgramSimilarity(cfg.copy_threshold))
             # Successes of iterations a resumed run does again go; each iteration's rows then appear once.
             keep_rows_before(self._dir / ATTACKS_FILE, first_iteration, key="iteration")
 
@@ -136,8 +139,7 @@ class RedTeam:
                                  num_few_shot=cfg.num_few_shot, iteration=iteration, rng=rng)
         with timer.phase("propose"):
             proposals = self._propose(roles.red_team, requests, iteration)
-        candidates, filtered = screen(requests, proposals, similarity=setup.similarity,
-                                      keep_unfinished=cfg.keep_unfinished)
+        candidates, filtered = screen(requests, proposals, copies=setup.copies, keep_unfinished=cfg.keep_unfinished)
         with timer.phase("answer"):
             answers = roles.collect(roles.submit_generate([Prompt(c.request.item_id, c.prompt) for c in candidates],
                                                           iteration, num_samples=1), learner_version=version)
