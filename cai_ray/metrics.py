@@ -77,14 +77,14 @@ class PhaseTimer:
         return {f"timing/{k}": v for k, v in self.seconds.items()}
 
 
-def keep_rows_before(path: Path, first_step: int) -> None:
-    """Rewrite ``path`` (atomically) with only its rows of steps below ``first_step`` (and no torn line)."""
+def keep_rows_before(path: Path, first_step: int, *, key: str = "step") -> None:
+    """Rewrite ``path`` (atomically) with only its rows whose ``key`` is below ``first_step`` (and no torn line)."""
     if not path.is_file():
         return
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line)["step"] < first_step:
+            if json.loads(line)[key] < first_step:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line a crash cut short

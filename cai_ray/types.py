@@ -153,3 +153,24 @@ class RevisionBatch:
 
     chains: tuple[RevisionChain, ...]
     rejected: tuple[RejectedItem, ...] = ()
+
+
+@dataclass(frozen=True)
+class AttackRequest:
+    """One attack prompt for the red-teamer to write: a harm category, an attack style, few-shot examples."""
+
+    item_id: str
+    category: str
+    style: str
+    style_how: str  # how a prompt of this style is written, shown to the red-teamer
+    examples: tuple[str, ...]  # attack prompts shown in front (archived successes first, then dataset prompts)
+
+
+@dataclass(frozen=True)
+class AttackProposal:
+    """The red-teamer's raw answer to an :class:`AttackRequest` (filtered by the controller)."""
+
+    item_id: str
+    text: str  # the generated line, before cleaning
+    finish_reason: str  # "stop" (the line ended) | "length" (cut at max_new_tokens) | "abort"
+    error: str | None = None  # set when the engine could not take the request (text is then "")

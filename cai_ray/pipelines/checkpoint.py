@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.config import RETIRED_KEYS
+from cai_ray.redteam_archive import AttackArchive
 from cai_ray.types import TrainPair
 
 STATE_FILE = "loop_state.json"
@@ -28,7 +29,7 @@ COMPLETE = "COMPLETE"  # written last into the temp folder: only a folder holdin
 RESUMABLE_KEYS = (
     "name", "logging", "cluster", "eval", "schedule.num_iterations", "schedule.checkpoint_every",
     "schedule.on_empty_iteration", "rollout.max_restarts", "feedback.max_restarts", "feedback.max_retries",
-    "sync.transport", "sync.bucket_size_mb",
+    "sync.transport", "sync.bucket_size_mb", "red_team.max_restarts",
 )
 
 
@@ -37,16 +38,20 @@ class ResumeError(RuntimeError):
 
 
 class LoopState:
-    """What a resumed run needs besides the learner: counters, the weight version and the replay window."""
+    """What a resumed run needs besides the learner: counters, the weight version, the replay window and the
+    red-team attack archive."""
 
-    def __init__(self, iteration: int = 0, version: int = 0, replay: list[list[TrainPair]] | None = None) -> None:
+    def __init__(self, iteration: int = 0, version: int = 0, replay: list[list[TrainPair]] | None = None,
+                 archive: AttackArchive | None = None) -> None:
         self.iteration, self.version = iteration, version
         self.replay: list[list[TrainPair]] = replay or []
+        self.archive = archive or AttackArchive()
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form (token ids as lists)."""
         return {"iteration": self.iteration, "version": self.version,
-                "replay": [[asdict(p) for p in window] for window in self.replay]}
+                "replay": [[asdict(p) for p in window] for window in self.replay],
+                "red_team_archive": self.archive.to_json()}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> LoopState:
@@ -54,7 +59,8 @@ class LoopState:
         replay = [[TrainPair(tuple(p["prompt_token_ids"]), tuple(p["response_a_token_ids"]),
                              tuple(p["response_b_token_ids"]), p["prob_a"]) for p in window]
                   for window in raw["replay"]]
-        return cls(raw["iteration"], raw["version"], replay)
+        # A checkpoint written before red-teaming existed has no archive: it resumes with an empty one.
+        return cls(raw["iteration"], raw["version"], replay, AttackArchive.from_json(raw.get("red_team_archive", [])))
 
 
 # ------------------------------------------------------------------------------------ the swap

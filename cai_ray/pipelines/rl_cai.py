@@ -9,6 +9,9 @@ Each iteration:
   5. update the policy: online DPO straight from the labels, or PPO / GRPO / RLOO / REINFORCE++ with the
      preference model's score as reward (KL to the reference inside the learner);
   6. push the new weights into the engines; log; checkpoint every N iterations.
+With ``red_team.enabled``, a red-team phase after generation proposes new attacks, has the policy answer and
+the feedback pool judge them, and archives the successful, diverse ones; ``schedule.red_team_fraction`` of
+the next batches' red-team prompts come from that archive (:mod:`cai_ray.pipelines.red_team`).
 Schedules: ``sync`` runs the phases in order; ``async`` generates iteration i+1 with the current weights
 while iteration i is labelled and trained, so its samples are one version old (``samples/staleness_max``).
 An iteration with nothing to train on trains and syncs nothing: it is logged as empty with its reason, or
@@ -42,7 +45,9 @@ from cai_ray.pipelines.checkpoint import (
     write_atomically,
     write_loop_files,
 )
+from cai_ray.pipelines.red_team import RedTeam
 from cai_ray.pipelines.roles import PendingRollout, Roles, start_roles
+from cai_ray.redteam_archive import Attack, draw_red_team_prompts
 from cai_ray.training.group import LearnerGroup
 from cai_ray.types import (
     ComparisonRequest,
@@ -69,17 +74,21 @@ def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> lis
     num_iterations, overlap, k = cfg.schedule.num_iterations, cfg.schedule.mode == "async", \
         cfg.rollout.num_samples_per_prompt
     state = load_for_resume(run_dir, cfg.model_dump(mode="json")) if resume else LoopState()  # before any start-up
+    red_team = RedTeam(cfg.red_team, cfg.data.red_team, run_dir, seed=cfg.seed, first_iteration=state.iteration)
     history: list[Metrics] = []
     with running(cfg, run_dir, state, resume=resume) as (roles, writer, bar):
         pending: PendingRollout | None = None
         for it in range(state.iteration, num_iterations):
             timer = PhaseTimer()
             with timer.phase("generate"):
-                rollout = roles.collect(pending or roles.submit_generate(_iteration_prompts(cfg, pool, it), it),
-                                        learner_version=state.version)
+                rollout = roles.collect(pending or roles.submit_generate(
+                    _iteration_prompts(cfg, pool, it, archive=state.archive.attacks()), it),
+                    learner_version=state.version)
+            with timer.phase("red_team"):  # updates the archive the next batch draws from
+                red_metrics = red_team.step(roles, state.archive, rollout, iteration=it, version=state.version)
             # async: the next batch is sampled with the current weights while this one is labelled and trained
-            pending = roles.submit_generate(_iteration_prompts(cfg, pool, it + 1), it + 1) \
-                if overlap and it + 1 < num_iterations else None
+            pending = roles.submit_generate(_iteration_prompts(cfg, pool, it + 1, archive=state.archive.attacks()),
+                                            it + 1) if overlap and it + 1 < num_iterations else None
             samples = list(rollout.samples)
             sample_metrics = sample_stats(samples, current_version=state.version)  # the version they train
             with timer.phase("label"):
@@ -110,12 +119,13 @@ def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> lis
                     save_checkpoint(roles.learner, state, run_dir, cfg)
             metrics = {"iteration": float(it), "weight_version": float(state.version), "iteration/empty": 0.0,
                        **sample_metrics, **label_stats(labels),
-                       **pm_metrics, **policy_metrics, **sync_metrics, **timer.metrics()}
+                       **pm_metrics, **policy_metrics, **sync_metrics, **red_metrics, **timer.metrics()}
             writer.log(it, metrics)
             history.append(metrics)
             bar.set_postfix(reward=f"{metrics.get('reward/mean', math.nan):.3f}",
                             pm_acc=f"{metrics.get('pm_fresh/accuracy', math.nan):.2f}")
             bar.update()
+    red_team.plot(run_dir / "metrics.jsonl")
     return history
 
 
@@ -273,12 +283,18 @@ def _prompt_pool(cfg: ExperimentConfig) -> dict[str, list[Prompt]]:
     return {"red_team": read(cfg.data.red_team), "helpful": read(cfg.data.helpful)}
 
 
-def _iteration_prompts(cfg: ExperimentConfig, pool: dict[str, list[Prompt]], iteration: int) -> list[Prompt]:
-    """The iteration's prompts, a pure function of (seed, iteration) so a resumed run draws the same ones."""
+def _iteration_prompts(cfg: ExperimentConfig, pool: dict[str, list[Prompt]], iteration: int, *,
+                       archive: Sequence[Attack] = ()) -> list[Prompt]:
+    """The iteration's prompts, a pure function of (seed, iteration, archive) so a resumed run draws the same ones.
+
+    ``schedule.red_team_fraction`` of the red-team prompts come from the attack ``archive`` as it was before
+    this iteration's red-team phase (empty unless red-teaming is on).
+    """
     rng = random.Random(stable_seed(cfg.seed, "prompts", iteration))
     n = cfg.schedule.num_prompts_per_iteration
     n_helpful = round(n * cfg.schedule.helpful_fraction)
-    picked = rng.sample(pool["red_team"], min(n - n_helpful, len(pool["red_team"])))
+    picked = draw_red_team_prompts(pool["red_team"], archive, n - n_helpful, fraction=cfg.schedule.red_team_fraction,
+                                   rng=rng)
     picked += rng.sample(pool["helpful"], min(n_helpful, len(pool["helpful"])))
     return picked
 

@@ -17,6 +17,7 @@ from cai_ray import launcher
 from cai_ray.config import ExperimentConfig
 from cai_ray.inference.engine import stable_seed
 from cai_ray.inference.feedback import FeedbackPool, start_feedback_pool
+from cai_ray.inference.redteam import RedTeamWorkers, start_red_team_workers
 from cai_ray.inference.rollout import RolloutWorkers, start_rollout_workers
 from cai_ray.sync import WeightSync
 from cai_ray.training.group import LearnerGroup
@@ -31,6 +32,7 @@ class PendingRollout:
     iteration: int
     calls: list[tuple[int, list[Prompt], Any]]  # (worker index, its prompts, object ref)
     samples: list[Sample] | None = None  # set once collected
+    num_samples: int | None = None  # responses per prompt; None: rollout.num_samples_per_prompt
     rejected: list[RejectedItem] = field(default_factory=list)
 
 
@@ -38,12 +40,13 @@ class Roles:
     """Everything the RL loop drives. Build with :func:`start_roles`; always ``shutdown()``."""
 
     def __init__(self, cfg: ExperimentConfig, rollout: RolloutWorkers, feedback: FeedbackPool,
-                 learner: LearnerGroup) -> None:
+                 learner: LearnerGroup, red_team: RedTeamWorkers | None = None) -> None:
         self.cfg = cfg
         self._fleet = rollout
         self.rollout = rollout.workers
         self.feedback = feedback
         self.learner = learner
+        self.red_team = red_team  # None unless red_team.enabled
         self.timeout_s = cfg.cluster.remote_call_timeout_s
         targets = [(f"rollout worker {i}", w) for i, w in enumerate(self.rollout)]
         self._sync_feedback = cfg.models.feedback is None and cfg.sync.sync_feedback_engines
@@ -55,15 +58,18 @@ class Roles:
         self.version = 0
 
     # ------------------------------------------------------------------------------- rollout
-    def submit_generate(self, prompts: Sequence[Prompt], iteration: int) -> PendingRollout:
-        """Start generation for ``prompts`` split evenly over the rollout workers."""
+    def submit_generate(self, prompts: Sequence[Prompt], iteration: int, *,
+                        num_samples: int | None = None) -> PendingRollout:
+        """Start generation for ``prompts`` split evenly over the rollout workers (``num_samples`` responses per
+        prompt; None: ``rollout.num_samples_per_prompt``)."""
         calls = []
         n = len(self.rollout)
         for i, worker in enumerate(self.rollout):
             part = list(prompts[i::n])
             if part:
-                calls.append((i, part, worker.generate.remote(part, seed=self._seed(iteration))))
-        return PendingRollout(iteration, calls)
+                ref = worker.generate.remote(part, seed=self._seed(iteration), num_samples=num_samples)
+                calls.append((i, part, ref))
+        return PendingRollout(iteration, calls, num_samples=num_samples)
 
     def finish(self, pending: PendingRollout, *, learner_version: int) -> PendingRollout:
         """Wait for ``pending`` to complete, redoing a dead worker's share once.
@@ -74,7 +80,7 @@ class Roles:
         if pending.samples is None:
             samples: list[Sample] = []
             for i, part, ref in pending.calls:
-                batch = self._get_rollout(i, part, ref, pending.iteration, learner_version)
+                batch = self._get_rollout(i, part, ref, pending, learner_version)
                 samples.extend(batch.samples)
                 pending.rejected.extend(batch.rejected)
             pending.samples = samples
@@ -85,7 +91,7 @@ class Roles:
         done = self.finish(pending, learner_version=learner_version)
         return RolloutBatch(tuple(done.samples or ()), tuple(done.rejected))
 
-    def _get_rollout(self, i: int, part: list[Prompt], ref: Any, iteration: int, learner_version: int) -> Any:
+    def _get_rollout(self, i: int, part: list[Prompt], ref: Any, pending: PendingRollout, learner_version: int) -> Any:
         what = f"rollout worker {i}: generate"
         try:
             return launcher.get(ref, timeout_s=self.timeout_s, what=what)
@@ -94,7 +100,7 @@ class Roles:
             worker = self.rollout[i]
             launcher.wait_restarted(worker, timeout_s=self.timeout_s, what=f"rollout worker {i}")
             self.sync.push(learner_version, only=[f"rollout worker {i}"])
-            retry = worker.generate.remote(part, seed=self._seed(iteration))
+            retry = worker.generate.remote(part, seed=self._seed(pending.iteration), num_samples=pending.num_samples)
             return launcher.get(retry, timeout_s=self.timeout_s, what=f"{what} (retry)")
 
     def _seed(self, iteration: int) -> int:
@@ -108,7 +114,7 @@ class Roles:
 
     def shutdown(self) -> None:
         """Stop every role and release its placement group, even when another fails to stop; raises the first error."""
-        shutdown_all([self._fleet, self.feedback, self.learner])
+        shutdown_all([self._fleet, self.feedback, self.learner, *([self.red_team] if self.red_team else [])])
 
 
 def shutdown_all(roles: Iterable[Any]) -> None:
@@ -127,8 +133,8 @@ def start_roles(cfg: ExperimentConfig) -> Roles:
     """Start the learner group, rollout workers and feedback pool together; on any failure stop what started."""
     from concurrent.futures import ThreadPoolExecutor
 
-    # The three start-ups mostly wait (imports, engine and DeepSpeed init inside their actors): overlap them.
-    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="start-roles") as threads:
+    # The start-ups mostly wait (imports, engine and DeepSpeed init inside their actors): overlap them.
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="start-roles") as threads:
         futures = {
             "learner": threads.submit(
                 LearnerGroup, cfg.learner, cfg.models, cfg.cluster, seed=cfg.seed,
@@ -138,6 +144,9 @@ def start_roles(cfg: ExperimentConfig) -> Roles:
             "feedback": threads.submit(start_feedback_pool, cfg.models.resolved_feedback(), cfg.feedback,
                                        cfg.constitution, cfg.data, cfg.cluster, seed=cfg.seed),
         }
+        if cfg.red_team.enabled:  # its model: red_team.model, else the policy's initial weights
+            futures["red_team"] = threads.submit(start_red_team_workers, cfg.red_team.model or cfg.models.policy,
+                                                 cfg.red_team, cfg.cluster, seed=cfg.seed)
     started = {name: f.result() for name, f in futures.items() if f.exception() is None}
     failed = [(name, f.exception()) for name, f in futures.items() if f.exception() is not None]
     if failed:
@@ -145,4 +154,4 @@ def start_roles(cfg: ExperimentConfig) -> Roles:
             shutdown_all(started.values())
         finally:
             raise failed[0][1]
-    return Roles(cfg, started["rollout"], started["feedback"], started["learner"])
+    return Roles(cfg, started["rollout"], started["feedback"], started["learner"], started.get("red_team"))
