@@ -23,7 +23,7 @@ from cai_ray.launcher import bundle
 class RolePlan:
     """One role's actors, placement and backend."""
 
-    role: str  # rollout | feedback | sft | learner
+    role: str  # rollout | feedback | sft | learner | red_team
     stages: tuple[str, ...]  # ("sl",), ("rl",) or ("sl", "rl")
     num_actors: int
     resources: ResourcesConfig
@@ -98,6 +98,9 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
         role("sft", ("sl",), cfg.sl.num_workers, cfg.sl.resources, models.policy, None),
         role("learner", ("rl",), cfg.learner.num_ranks, cfg.learner.resources, models.policy, None),
     )
+    if cfg.red_team.enabled:  # its engines sit beside the others through every RL iteration
+        roles += (role("red_team", ("rl",), cfg.red_team.num_workers, cfg.red_team.resources,
+                       cfg.red_team.model or models.policy, cfg.red_team.engine.tensor_parallel_size),)
     return Plan(cfg.name, roles, cfg.resolved_sync_transport(), cfg.sync.bucket_size_mb,
                 tuple(name for name, _ in cfg.sync_targets()), _installed_here())
 

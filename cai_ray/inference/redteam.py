@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cai_ray.backend import enter_role
 from cai_ray.config import ClusterConfig, ModelConfig, RedTeamConfig
 from cai_ray.constitution import render_chat
 from cai_ray.inference.engine import Engine, stable_seed, start_engine_actors
@@ -117,7 +118,8 @@ class RedTeamWorker:
     """
 
     def __init__(self, model: ModelConfig, red_team: RedTeamConfig, *, seed: int = 0) -> None:
-        self._engine = Engine(model, red_team.engine, seed=seed)
+        backend = enter_role("red_team", red_team.resources, uses_vllm=True)
+        self._engine = Engine(model, red_team.engine, backend=backend, seed=seed)
         self._cfg = red_team
 
     def weight_version(self) -> int:

@@ -83,3 +83,14 @@ def test_plan_cli_json_and_overrides(capsys: pytest.CaptureFixture[str]) -> None
 def test_plan_of_a_mixed_layout_names_the_keys(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--config", str(CONFIGS / "quickstart-cpu.yaml"), "--set", "learner.resources.num_gpus=1"]) == 2
     assert "sync.transport=auto cannot choose" in capsys.readouterr().err
+
+
+def test_plan_lists_the_red_teamer_when_enabled() -> None:
+    base = make_plan(load_config(CONFIGS / "quickstart-cpu.yaml"))
+    assert "red_team" not in {r.role for r in base.roles}
+    plan = make_plan(load_config(CONFIGS / "gpu-7b-1node.yaml", ["red_team.enabled=true", "red_team.num_workers=2",
+                                                                "red_team.resources.num_gpus=1"]))
+    r = plan.role("red_team")
+    assert r.stages == ("rl",) and r.bundles == [{"CPU": 1.0, "GPU": 1.0}] * 2
+    assert (r.backend.device, r.backend.dist_backend) == ("cuda", "nccl")
+    assert plan.stage_totals()["rl"]["GPU"] == 8 + 2
