@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokens_per_step = sum(len(s.prompt_token_ids) + len(s.response_token_ids) for s in seqs)
     learner = LearnerConfig(num_ranks=args.num_ranks, zero_stage=args.zero_stage, micro_batch_size=args.rows_per_rank,
                             lr=1e-5)
-    cluster = ClusterConfig(num_cpus=max(8, 2 * args.num_ranks), remote_call_timeout_s=1800)
+    cluster = ClusterConfig(num_cpus=max(8, 2 * args.num_ranks), step_timeout_s=1800)
     launcher.init_ray(cluster)
 
     group = LearnerGroup(learner, ModelsConfig(policy=ModelConfig(name=model_path)), cluster, seed=0,
@@ -131,10 +131,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              for i in range(args.num_ranks)]
     names = [f"plain rank {i}" for i in range(args.num_ranks)]
     try:
-        addr, port = launcher.get(plain[0].open_rendezvous.remote(), timeout_s=600, what="plain rank 0")
+        addr, port = launcher.get(plain[0].open_rendezvous.remote(), timeout=cluster.startup, what="plain rank 0")
         shards = shard(seqs, args.num_ranks)
         launcher.get_all([p.setup.remote(addr, port, part) for p, (part, _) in zip(plain, shards, strict=True)],
-                         timeout_s=600, names=names)
+                         timeout=cluster.startup, names=names)
 
         def run_learner(steps: int) -> float:
             start = time.perf_counter()
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return time.perf_counter() - start
 
         def run_plain(steps: int) -> float:
-            return launcher.get_all([p.run.remote(steps) for p in plain], timeout_s=1800, names=names)[0]
+            return launcher.get_all([p.run.remote(steps) for p in plain], timeout=cluster.step, names=names)[0]
 
         run_learner(args.warmup)
         run_plain(args.warmup)

@@ -395,7 +395,7 @@ def _generate(cfg: ExperimentConfig, name: str, model: ModelConfig,
         n = len(fleet.workers)
         seed = stable_seed(cfg.seed, "eval")  # the same sampling seeds for every checkpoint
         refs = [w.generate.remote(prompts[i::n], seed=seed, num_samples=1) for i, w in enumerate(fleet.workers)]
-        batches = get_all(refs, timeout_s=cfg.cluster.remote_call_timeout_s,
+        batches = get_all(refs, timeout=cfg.cluster.step,
                           names=[f"{name}: rollout worker {i}: generate" for i in range(n)])
     finally:
         fleet.shutdown()

@@ -18,7 +18,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cai_ray.backend import actor_env
-from cai_ray.config import ClusterConfig, ResourcesConfig
+from cai_ray.config import ClusterConfig, Deadline, ResourcesConfig
 
 T = TypeVar("T")
 
@@ -63,14 +63,14 @@ def bundle(resources: ResourcesConfig) -> dict[str, float]:
     return b
 
 
-def reserve(bundles: Sequence[dict[str, float]], *, strategy: str, timeout_s: float, name: str) -> PlacementGroup:
+def reserve(bundles: Sequence[dict[str, float]], *, strategy: str, timeout: Deadline, name: str) -> PlacementGroup:
     """Create a placement group and wait for it; a pending group is what asks the autoscaler for nodes."""
     pg = placement_group(list(bundles), strategy=strategy)
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout.seconds)
     if not ready:
         remove_placement_group(pg)
         raise RemoteCallError(
-            f"placement group '{name}' ({list(bundles)}, {strategy}) was not scheduled within {timeout_s:.0f}s: "
+            f"placement group '{name}' ({list(bundles)}, {strategy}) was not scheduled within {timeout}: "
             "the cluster lacks these resources; lower the role's resources/num_workers or add nodes"
         )
     return pg
@@ -93,25 +93,29 @@ def spawn(cls: type[T], *args: Any, resources: ResourcesConfig, pg: PlacementGro
     return ray.remote(cls).options(**options).remote(*args, **kwargs)
 
 
-def get(refs: Any, *, timeout_s: float, what: str) -> Any:
-    """``ray.get`` with a deadline; failures name ``what`` (e.g. 'learner rank 1: train_step')."""
+def get(refs: Any, *, timeout: Deadline, what: str) -> Any:
+    """``ray.get`` with a deadline; failures name ``what`` (e.g. 'learner rank 1: train_step') and the deadline's key."""
     try:
-        return ray.get(refs, timeout=timeout_s)
+        return ray.get(refs, timeout=timeout.seconds)
     except ray.exceptions.GetTimeoutError:
-        raise RemoteCallError(f"{what}: no answer within {timeout_s:.0f}s") from None
+        raise RemoteCallError(f"{what}: no answer within {timeout}") from None
     except ray.exceptions.RayActorError as err:
         raise RemoteCallError(f"{what}: the actor died ({type(err).__name__}: {str(err).splitlines()[0]})") from err
     except ray.exceptions.RayTaskError as err:
         raise RemoteCallError(f"{what}: failed: {err.cause!r}") from err
 
 
-def get_all(refs: Sequence[Any], *, timeout_s: float, names: Sequence[str]) -> list[Any]:
-    """Wait for one call per actor with one shared deadline; the error names each actor that failed."""
+def get_all(refs: Sequence[Any], *, timeout: Deadline, names: Sequence[str], left_s: float | None = None) -> list[Any]:
+    """Wait for one call per actor with one shared deadline; the error names each actor that failed.
+
+    ``left_s``: the part of ``timeout`` not yet used up by the caller (default: all of it).
+    """
     results: list[Any] = [None] * len(refs)
     pending = {ref: i for i, ref in enumerate(refs)}
-    ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    wait_s = timeout.seconds if left_s is None else max(0.0, left_s)
+    ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=wait_s)
     failed = [pending[r] for r in not_ready]
-    errors = [f"{names[pending[r]]}: no answer within {timeout_s:.0f}s" for r in not_ready]
+    errors = [f"{names[pending[r]]}: no answer within {timeout}" for r in not_ready]
     for ref in ready:
         i = pending[ref]
         try:
@@ -124,9 +128,9 @@ def get_all(refs: Sequence[Any], *, timeout_s: float, names: Sequence[str]) -> l
     return results
 
 
-def wait_restarted(actor: Any, *, timeout_s: float, what: str) -> None:
+def wait_restarted(actor: Any, *, timeout: Deadline, what: str) -> None:
     """Wait until Ray has restarted ``actor`` (calls to a restarting actor fail at once, so poll)."""
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + timeout.seconds
     while True:
         try:
             ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
@@ -139,4 +143,4 @@ def wait_restarted(actor: Any, *, timeout_s: float, what: str) -> None:
             break
         except ray.exceptions.RayActorError as err:
             raise RemoteCallError(f"{what}: did not come back ({type(err).__name__}); no restarts left?") from err
-    raise RemoteCallError(f"{what}: not restarted within {timeout_s:.0f}s")
+    raise RemoteCallError(f"{what}: not restarted within {timeout}")

@@ -282,13 +282,13 @@ def start_engine_actors(cls: type, *, role: str, num_workers: int, engine: Engin
             f"(got {resources.num_gpus}); tensor parallelism runs inside one actor's bundle"
         )
     pg = reserve([bundle(resources)] * num_workers, strategy=cluster.placement_strategy,
-                 timeout_s=cluster.placement_timeout_s, name=role)
+                 timeout=cluster.placement, name=role)
     workers = []
     try:
         for i in range(num_workers):
             a, kw = args(i)
             workers.append(spawn(cls, *a, **kw, resources=resources, pg=pg, bundle_index=i, max_restarts=max_restarts))
-        get_all([w.weight_version.remote() for w in workers], timeout_s=cluster.remote_call_timeout_s,
+        get_all([w.weight_version.remote() for w in workers], timeout=cluster.startup,
                 names=[f"{role} worker {i}" for i in range(num_workers)])
     except BaseException:
         for w in workers:

@@ -63,7 +63,7 @@ def test_eval_cli_report(ray_local: None, tuned_and_run: tuple[str, Path], tmp_p
                "--set", "data.helpful_eval.path=helpful_eval", "--set", f"data.helpful_eval.max_rows={NUM_ROWS}",
                "--set", "eval.max_new_tokens=8", "--set", "eval.num_bootstrap_samples=200",
                "--set", "rollout.engine.kv_cache_memory_mb=32", "--set", "feedback.engine.kv_cache_memory_mb=32",
-               "--set", "cluster.remote_call_timeout_s=180"])
+               "--set", "cluster.startup_timeout_s=180", "--set", "cluster.step_timeout_s=180"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "win-rate tuned over base" in printed and str(out / "eval.json") in printed

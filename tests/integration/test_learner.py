@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 CFG = LearnerConfig(num_ranks=2, zero_stage=3, micro_batch_size=4, lr=1e-3, pm_lr=1e-3, critic_lr=1e-3, kl_coef=0.01,
                     zero3_param_persistence_threshold=0, collective_timeout_s=60)
-CLUSTER = ClusterConfig(remote_call_timeout_s=120)
+CLUSTER = ClusterConfig(startup_timeout_s=120, step_timeout_s=120)
 GOOD, BAD = range(100, 112), range(300, 312)  # small pools: every token is seen in training
 
 
