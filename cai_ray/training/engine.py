@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from cai_ray.config import LearnerConfig
+from cai_ray.models import ModelRef
 
 logger = logging.getLogger(__name__)
 
@@ -191,13 +192,11 @@ def gathered_state_dict(module: torch.nn.Module, *, rank: int,
     return state
 
 
-def save_hf(module: torch.nn.Module, path: str, *, rank: int, tokenizer_from: str | None = None) -> None:
+def save_hf(module: torch.nn.Module, path: str, *, rank: int, tokenizer_from: ModelRef | None = None) -> None:
     """Write ``module`` (an HF model or ScalarHeadModel) as an HF folder on rank 0; collective under ZeRO-3."""
     state = gathered_state_dict(module, rank=rank)
     if rank != 0:
         return
     module.save_pretrained(path, state_dict=state)
     if tokenizer_from is not None:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
+        tokenizer_from.tokenizer().save_pretrained(path)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.config import LearnerConfig, ModelConfig, SLConfig
+from cai_ray.models import ModelRef
 from cai_ray.types import TrainSequence
 
 HF_DIR = "hf"
@@ -64,15 +65,12 @@ def run_sft(data: Sequence[tuple[str, str]] | Sequence[TrainSequence], *, model:
     """
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from transformers import AutoTokenizer
 
     from cai_ray.backend import actor_env, detect
-    from cai_ray.models import resolve_model
 
-    path = resolve_model(model.name, revision=model.revision)
+    ref = ModelRef.of(model)
     if data and not isinstance(data[0], TrainSequence):
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        data = encode_text_pairs(tokenizer, data, max_len=model.max_model_len)  # type: ignore[arg-type]
+        data = encode_text_pairs(ref.tokenizer(), data, max_len=model.max_model_len)  # type: ignore[arg-type]
     if not data:
         raise ValueError("run_sft: no training data")
     use_gpu = learner.resources.num_gpus > 0
@@ -81,7 +79,7 @@ def run_sft(data: Sequence[tuple[str, str]] | Sequence[TrainSequence], *, model:
     root = Path(run_dir).resolve()
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"data": list(data), "model_path": path, "model": model, "sl": sl, "learner": learner,
+        train_loop_config={"data": list(data), "model_ref": ref, "model": model, "sl": sl, "learner": learner,
                            "seed": seed},
         torch_config=TorchConfig(backend=backend.dist_backend, timeout_s=int(learner.collective_timeout_s)),
         scaling_config=ScalingConfig(num_workers=sl.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -126,7 +124,6 @@ def _train_loop(config: dict[str, Any]) -> None:
     backend = detect(learner.resources.num_gpus)
     apply_process_env(backend.device)
     import deepspeed
-    from transformers import AutoModelForCausalLM
 
     deepspeed.init_distributed(dist_backend=backend.dist_backend,
                                timeout=datetime.timedelta(seconds=learner.collective_timeout_s))
@@ -134,8 +131,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(seed)
     dtype = backend.torch_dtype(model_cfg.dtype)
-    module = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=dtype,
-                                                  trust_remote_code=model_cfg.trust_remote_code)
+    ref: ModelRef = config["model_ref"]
+    module = ref.causal_lm(dtype=dtype)
     pad_id = int(module.config.pad_token_id if module.config.pad_token_id is not None else 0)
     engine = ds.wrap(module, config=ds.ds_config(learner, world_size=world, dtype=dtype,
                                                  micro_batch_size=sl.micro_batch_size),
@@ -167,7 +164,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             engine.save_checkpoint(folder, tag="state")
             if last:
-                ds.save_hf(engine.module, str(Path(folder) / HF_DIR), rank=rank, tokenizer_from=config["model_path"])
+                ds.save_hf(engine.module, str(Path(folder) / HF_DIR), rank=rank, tokenizer_from=ref)
             if rank == 0:
                 (Path(folder) / PROGRESS_FILE).write_text(json.dumps({"epoch": epoch}))
             metrics = {"epoch": epoch, "loss/sft": sum(losses) / max(1, len(losses)), "steps": len(losses)}

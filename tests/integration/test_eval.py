@@ -26,6 +26,7 @@ def tuned_and_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: str
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cai_ray.models import ModelRef
     from cai_ray.training.modeling import ScalarHeadModel
 
     root = tmp_path_factory.mktemp("eval")
@@ -40,7 +41,8 @@ def tuned_and_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: str
     tokenizer.save_pretrained(tuned)
     torch.manual_seed(0)
     pm_dir = root / "run" / "checkpoint" / "learner" / "preference_hf"
-    ScalarHeadModel.from_backbone(tiny_model_path, dtype=torch.float32).save_pretrained(str(pm_dir))
+    pm = ScalarHeadModel.from_backbone(ModelRef(tiny_model_path, None, False), dtype=torch.float32)
+    pm.save_pretrained(str(pm_dir))
     tokenizer.save_pretrained(pm_dir)
     return str(tuned), root / "run"
 

@@ -138,6 +138,7 @@ def test_critic_free_step_raises_logprob_of_higher_advantage_sequences(group, es
 def test_save_load_then_next_steps_match_uninterrupted_run(group, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from cai_ray.models import ModelRef
     from cai_ray.training.modeling import ScalarHeadModel, collate_sequences, last_token_scores
 
     seqs, more = _sft_batch(), _rollouts(7)
@@ -151,7 +152,8 @@ def test_save_load_then_next_steps_match_uninterrupted_run(group, tmp_path):
     # The HF folders hold the weights at save time.
     policy = AutoModelForCausalLM.from_pretrained(str(tmp_path / "policy_hf"), dtype=torch.float32).eval()
     assert _flat(_hf_logprobs(policy, seqs)) == pytest.approx(_flat(logprobs_at_save), abs=1e-4)
-    pm = ScalarHeadModel.from_pretrained(str(tmp_path / "preference_hf"), dtype=torch.float32).eval()
+    pm = ScalarHeadModel.from_pretrained(ModelRef(str(tmp_path / "preference_hf"), None, False),
+                                         dtype=torch.float32).eval()
     batch = collate_sequences(seqs, pad_id=0)
     with torch.no_grad():
         scores = last_token_scores(pm(batch.input_ids, batch.attention_mask), batch.attention_mask)
