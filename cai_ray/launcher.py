@@ -2,8 +2,9 @@
 
 Roles are plain classes (testable in-process); here they get ``ray.remote`` options, a placement-group
 bundle sized from their config (so an autoscaler can add nodes while a group is pending), restart
-policy and the environment from :mod:`cai_ray.backend`. Every wait has a deadline: a dead or stuck
-actor becomes :class:`RemoteCallError` naming it, never a hang.
+policy and the environment from :mod:`cai_ray.backend`. Every wait has a deadline (a
+:class:`~cai_ray.config.Deadline`): a dead or stuck actor becomes :class:`RemoteCallError` naming it and the
+config key of the deadline it missed, never a hang.
 """
 
 from __future__ import annotations
@@ -120,7 +121,10 @@ def get_all(refs: Sequence[Any], *, timeout: Deadline, names: Sequence[str], lef
         i = pending[ref]
         try:
             results[i] = ray.get(ref, timeout=0)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+        except ray.exceptions.RayTaskError as err:  # the remote code raised: its own message says what is wrong
+            failed.append(i)
+            errors.append(f"{names[i]}: failed: {type(err.cause).__name__}: {err.cause}")
+        except ray.exceptions.RayActorError as err:
             failed.append(i)
             errors.append(f"{names[i]}: {type(err).__name__}: {str(err).splitlines()[0]}")
     if errors:

@@ -426,10 +426,11 @@ class LearnerWorker:
     def load_checkpoint(self, path: str) -> None:
         """Restore what :meth:`save_checkpoint` wrote (same ZeRO stage and number of ranks)."""
         root = Path(path)
-        for name, engine in self._trainable().items():
-            load_path, _ = engine.load_checkpoint(str(root / name), tag="state")
-            if load_path is None:
-                raise FileNotFoundError(f"no DeepSpeed checkpoint for {name} under {root / name}")
+        engines = self._trainable()
+        for name in engines:  # every file first, so that all ranks refuse before any collective
+            ds.check_weights_only(root / name / "state")
+        for name, engine in engines.items():
+            ds.load_checkpoint(engine, root / name, tag="state")  # weights-only: nothing is unpickled
         _load_rng_state(root / "rng" / f"rank{self.rank}")
 
 

@@ -5,7 +5,8 @@ RL learner) and minimises ``sft_loss`` on the responses. A global batch is ``mic
 worker; every worker sees the same shuffled order (seed + epoch) and takes its equal-length shard, so
 ZeRO-3's collective forwards stay in step. After each epoch the DeepSpeed state is reported as a Ray
 Train checkpoint (merged across workers in ``storage_path``); a retried run (``FailureConfig``) resumes
-from the last one. The last checkpoint also holds the HF-format policy, copied to ``<run_dir>/policy``.
+from the last one (so does a new run in the same ``run_dir``), loading it weights-only. The last checkpoint also
+holds the HF-format policy, copied to ``<run_dir>/policy``.
 Simplifications: no learning-rate schedule; one checkpoint per epoch.
 """
 
@@ -143,7 +144,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as folder:
-            engine.load_checkpoint(folder, tag="state")
+            ds.load_checkpoint(engine, folder, tag="state")  # weights-only: nothing is unpickled
             start_epoch = json.loads((Path(folder) / PROGRESS_FILE).read_text())["epoch"] + 1
     torch.manual_seed(seed + 1000 * (rank + 1))
 
@@ -167,5 +168,6 @@ def _train_loop(config: dict[str, Any]) -> None:
                 ds.save_hf(engine.module, str(Path(folder) / HF_DIR), rank=rank, tokenizer_from=ref)
             if rank == 0:
                 (Path(folder) / PROGRESS_FILE).write_text(json.dumps({"epoch": epoch}))
-            metrics = {"epoch": epoch, "loss/sft": sum(losses) / max(1, len(losses)), "steps": len(losses)}
+            metrics = {"epoch": epoch, "loss/sft": sum(losses) / max(1, len(losses)), "steps": len(losses),
+                       "start_epoch": start_epoch}  # > 0: this run resumed from a checkpoint
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

@@ -45,3 +45,15 @@ def test_timeouts_name_their_config_key(ray_local: None) -> None:
 
     with pytest.raises(RemoteCallError, match=r"learner rank 0: not restarted within 1s \(cluster\.startup_timeout_s\)"):
         wait_restarted(Slow.remote(), timeout=CLUSTER.startup, what="learner rank 0")
+
+
+def test_a_remote_error_keeps_its_own_message(ray_local: None) -> None:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def bad() -> None:
+        raise ValueError("data/x.jsonl line 3: no 'prompt' field")
+
+    with pytest.raises(RemoteCallError, match=r"^learner rank 0: setup: failed: ValueError: data/x\.jsonl line 3: "
+                                              r"no 'prompt' field"):
+        get_all([bad.remote()], timeout=ClusterConfig(step_timeout_s=120).step, names=["learner rank 0: setup"])

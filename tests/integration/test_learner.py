@@ -160,6 +160,30 @@ def test_save_load_then_next_steps_match_uninterrupted_run(group, tmp_path):
     assert scores.tolist() == pytest.approx(scores_at_save, abs=1e-4)
 
 
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted state file in a run folder would do."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_refuses_a_state_file_that_would_run_code(group, tmp_path):
+    group.save_checkpoint(str(tmp_path))
+    marker = tmp_path / "code-ran"
+    [optim] = sorted((tmp_path / "preference" / "state").glob("*rank_1*optim_states.pt"))
+    torch.save({"optimizer_state_dict": _RunsCode(marker)}, optim)
+    with pytest.raises(RemoteCallError, match=rf"load_checkpoint.*{optim}: refusing to load it.*posix\.system"):
+        group.load_checkpoint(str(tmp_path))
+    assert not marker.exists()
+    # Every rank refused before DeepSpeed read anything, so the group still trains.
+    assert group.sft_step(_sft_batch())["loss/sft"] > 0
+
+
 def _flat(rows) -> list[float]:
     return [x for row in rows for x in row]
 
