@@ -495,9 +495,9 @@ class FeedbackPool:
     After ``max_restarts`` deaths a worker is dropped. A batch waits at most ``cluster.step_timeout_s``, a
     restarting worker ``cluster.startup_timeout_s``.
 
-    A batch that misses its deadline is retried, but ``ray.cancel`` cannot stop an actor call that has
-    started, so the late call keeps its slot until it really ends; one still running a whole step deadline
-    later means a stuck engine, and the pool kills that worker so Ray restarts it.
+    A batch that misses its deadline is retried, but ``ray.cancel`` does not stop an actor call, so the late
+    call keeps its slot until it really ends; one still running a whole step deadline later means a stuck
+    engine, and the pool kills that worker so Ray restarts it.
     """
 
     def __init__(self, workers: Sequence[Any], feedback: FeedbackConfig, cluster: ClusterConfig, *,
@@ -788,7 +788,8 @@ class _Run:
 class _LateCalls:
     """Calls past their deadline that may still run: each keeps its worker's slot in ``load`` until it ends.
 
-    (``ray.cancel`` drops an actor call that has not started, but cannot stop one that is running.)
+    (``ray.cancel`` does not stop an actor call: measured on Ray 2.60, even a still-queued one runs, and its
+    ref resolves only when the call ends.)
     """
 
     def __init__(self, load: list[int]) -> None:
