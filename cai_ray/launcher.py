@@ -95,7 +95,7 @@ def spawn(cls: type[T], *args: Any, resources: ResourcesConfig, pg: PlacementGro
 
 
 def get(refs: Any, *, timeout: Deadline, what: str) -> Any:
-    """``ray.get`` with a deadline; failures name ``what`` (e.g. 'learner rank 1: train_step') and the deadline's key."""
+    """``ray.get`` with a deadline; failures name ``what`` (e.g. 'learner rank 1: train_step') and the deadline."""
     try:
         return ray.get(refs, timeout=timeout.seconds)
     except ray.exceptions.GetTimeoutError:

@@ -136,8 +136,9 @@ class LearnerWorker:
     def _scalar(self, role: str, model: ModelConfig) -> ScalarHeadModel:
         """A saved scalar-head folder loads with its head; a plain LM folder gets a fresh head."""
         ref = self._resolve(role, model)
-        load = ScalarHeadModel.from_pretrained if ScalarHeadModel.is_saved_at(ref.path) else ScalarHeadModel.from_backbone
-        return load(ref, dtype=self._dtype(model))
+        if ScalarHeadModel.is_saved_at(ref.path):
+            return ScalarHeadModel.from_pretrained(ref, dtype=self._dtype(model))
+        return ScalarHeadModel.from_backbone(ref, dtype=self._dtype(model))
 
     def _wrap(self, module: torch.nn.Module, *, lr: float | None) -> Any:
         config = ds.ds_config(self.cfg, world_size=self.world_size, dtype=next(module.parameters()).dtype,

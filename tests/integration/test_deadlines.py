@@ -43,7 +43,8 @@ def test_timeouts_name_their_config_key(ray_local: None) -> None:
         def __init__(self) -> None:
             time.sleep(30)
 
-    with pytest.raises(RemoteCallError, match=r"learner rank 0: not restarted within 1s \(cluster\.startup_timeout_s\)"):
+    with pytest.raises(RemoteCallError, match=r"learner rank 0: not restarted within 1s "
+                                              r"\(cluster\.startup_timeout_s\)"):
         wait_restarted(Slow.remote(), timeout=CLUSTER.startup, what="learner rank 0")
 
 
