@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         # ------------------------------------------------------------------------------ rollout
         def actor_side(rep: int) -> float:
-            batch = ray.get(workers[0].generate.remote(prompts, seed=rep), timeout=cluster.remote_call_timeout_s)
+            batch = ray.get(workers[0].generate.remote(prompts, seed=rep), timeout=cluster.step_timeout_s)
             return sum(len(s.response_token_ids) for s in batch.samples)
 
         def direct_side(rep: int) -> float:

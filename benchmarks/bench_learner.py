@@ -28,15 +28,16 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks.common import RESULTS_DIR, command_line, summary, write_result  # noqa: E402
 from cai_ray import launcher  # noqa: E402
 from cai_ray.config import ClusterConfig, LearnerConfig, ModelConfig, ModelsConfig  # noqa: E402
+from cai_ray.models import ModelRef  # noqa: E402
 from cai_ray.types import TrainSequence  # noqa: E402
 
 
 class PlainDeepSpeedLoop:
     """Baseline rank: a textbook DeepSpeed training loop over pre-collated tensors."""
 
-    def __init__(self, *, rank: int, world_size: int, learner: LearnerConfig, model_path: str, seed: int) -> None:
+    def __init__(self, *, rank: int, world_size: int, learner: LearnerConfig, model: ModelRef, seed: int) -> None:
         self.rank, self.world_size, self.learner = rank, world_size, learner
-        self.model_path, self.seed = model_path, seed
+        self.model, self.seed = model, seed
         self.store = None
 
     def open_rendezvous(self) -> tuple[str, int]:
@@ -48,7 +49,6 @@ class PlainDeepSpeedLoop:
     def setup(self, addr: str, port: int, seqs: list[TrainSequence]) -> None:
         import deepspeed
         import torch
-        from transformers import AutoModelForCausalLM
 
         from cai_ray.training.engine import ds_config, init_distributed
         from cai_ray.training.modeling import collate_sequences
@@ -56,7 +56,7 @@ class PlainDeepSpeedLoop:
         init_distributed(backend="gloo", rank=self.rank, world_size=self.world_size, master_addr=addr,
                          master_port=port, timeout_s=self.learner.collective_timeout_s, store=self.store)
         torch.manual_seed(self.seed)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        model = self.model.causal_lm(dtype=torch.float32)
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.learner.lr, weight_decay=self.learner.weight_decay)
         config = ds_config(self.learner, world_size=self.world_size, dtype=torch.float32, micro_batch_size=len(seqs))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -121,20 +121,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokens_per_step = sum(len(s.prompt_token_ids) + len(s.response_token_ids) for s in seqs)
     learner = LearnerConfig(num_ranks=args.num_ranks, zero_stage=args.zero_stage, micro_batch_size=args.rows_per_rank,
                             lr=1e-5)
-    cluster = ClusterConfig(num_cpus=max(8, 2 * args.num_ranks), remote_call_timeout_s=1800)
+    cluster = ClusterConfig(num_cpus=max(8, 2 * args.num_ranks), step_timeout_s=1800)
     launcher.init_ray(cluster)
 
     group = LearnerGroup(learner, ModelsConfig(policy=ModelConfig(name=model_path)), cluster, seed=0,
                          roles=LearnerRoles(reference=False))
     plain = [launcher.spawn(PlainDeepSpeedLoop, rank=i, world_size=args.num_ranks, learner=learner,
-                            model_path=model_path, seed=0, role="learner", resources=learner.resources)
+                            model=ModelRef(model_path, revision=None, trust_remote_code=False), seed=0,
+                            role="learner", resources=learner.resources)
              for i in range(args.num_ranks)]
     names = [f"plain rank {i}" for i in range(args.num_ranks)]
     try:
-        addr, port = launcher.get(plain[0].open_rendezvous.remote(), timeout_s=600, what="plain rank 0")
+        addr, port = launcher.get(plain[0].open_rendezvous.remote(), timeout=cluster.startup, what="plain rank 0")
         shards = shard(seqs, args.num_ranks)
         launcher.get_all([p.setup.remote(addr, port, part) for p, (part, _) in zip(plain, shards, strict=True)],
-                         timeout_s=600, names=names)
+                         timeout=cluster.startup, names=names)
 
         def run_learner(steps: int) -> float:
             start = time.perf_counter()
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return time.perf_counter() - start
 
         def run_plain(steps: int) -> float:
-            return launcher.get_all([p.run.remote(steps) for p in plain], timeout_s=1800, names=names)[0]
+            return launcher.get_all([p.run.remote(steps) for p in plain], timeout=cluster.step, names=names)[0]
 
         run_learner(args.warmup)
         run_plain(args.warmup)

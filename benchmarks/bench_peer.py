@@ -73,14 +73,13 @@ class ConstitutionJudge:
 
     __name__ = "constitution_judge"
 
-    def __init__(self, model_path: str, constitution: Any, num_few_shot: int, seed: int) -> None:
+    def __init__(self, model: Any, constitution: Any, num_few_shot: int, seed: int) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from cai_ray.inference.feedback import option_continuations
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = model.causal_lm(dtype=torch.float32).eval()  # model: a cai_ray.models.ModelRef
+        self.tokenizer = model.tokenizer()
         self.constitution, self.num_few_shot, self.seed = constitution, num_few_shot, seed
         option_a, option_b = option_continuations(lambda s: self.tokenizer.encode(s, add_special_tokens=False))
         if len(option_a) != 1 or len(option_b) != 1:
@@ -131,19 +130,19 @@ def run_trl(cfg: Any, prompts_per_iteration: list[list[Any]], *, gradient_checkp
     """One TRL online-DPO run of ``len(prompts_per_iteration)`` steps; per-step wall seconds."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
     from cai_ray.constitution import load_constitution, render_chat
-    from cai_ray.models import resolve_model
+    from cai_ray.models import ModelRef
 
     torch.set_num_threads(threads)
-    model_path = resolve_model(cfg.models.policy.name)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    ref = ModelRef.of(cfg.models.policy)
+    tokenizer = ref.tokenizer()
     # Prompts go in already rendered with the chat template exactly as the rollout worker renders them.
     rows = [{"prompt": render_chat(tokenizer, [{"role": "user", "content": p.text}]), "user_text": p.text}
             for batch in prompts_per_iteration for p in batch]
-    judge = ConstitutionJudge(model_path, load_constitution(cfg.constitution.path), cfg.constitution.num_few_shot,
+    judge = ConstitutionJudge(ref, load_constitution(cfg.constitution.path), cfg.constitution.num_few_shot,
                               cfg.seed)
 
     class StepClock(TrainerCallback):
@@ -169,7 +168,7 @@ def run_trl(cfg: Any, prompts_per_iteration: list[list[Any]], *, gradient_checkp
             report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
             train_sampling_strategy="sequential", lr_scheduler_type="constant",  # cai-ray's learner: constant lr
         )
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model = ref.causal_lm(dtype=torch.float32)
         trainer = OnlineDPOTrainer(model=model, reward_funcs=judge, args=config, processing_class=tokenizer,
                                    train_dataset=Dataset.from_list(rows), callbacks=[clock])
         trainer.train()

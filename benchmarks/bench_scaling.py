@@ -84,7 +84,7 @@ def points(runs: dict[int, list[tuple[float, float]]]) -> list[dict[str, Any]]:
 
 
 def measure_rollout(workers: Sequence[Any], prompts: Sequence[Any], counts: Sequence[int], reps: int,
-                    timeout: float) -> tuple[dict[int, list[tuple[float, float]]], bool]:
+                    cluster: Any) -> tuple[dict[int, list[tuple[float, float]]], bool]:
     """Generated tokens per repetition with the prompts split over the first n workers; and whether every n
     generated the same tokens (per-prompt seeds make the work identical)."""
     from cai_ray.launcher import get_all
@@ -94,7 +94,7 @@ def measure_rollout(workers: Sequence[Any], prompts: Sequence[Any], counts: Sequ
     def side(n: int) -> Callable[[int], float]:
         def run(rep: int) -> float:
             refs = [w.generate.remote(list(prompts[i::n]), seed=rep) for i, w in enumerate(workers[:n])]
-            batches = get_all(refs, timeout_s=timeout, names=[f"rollout worker {i}" for i in range(n)])
+            batches = get_all(refs, timeout=cluster.step, names=[f"rollout worker {i}" for i in range(n)])
             tokens[n].append(float(sum(len(s.response_token_ids) for b in batches for s in b.samples)))
             return tokens[n][-1]
         return run
@@ -104,7 +104,7 @@ def measure_rollout(workers: Sequence[Any], prompts: Sequence[Any], counts: Sequ
 
 
 def fresh_pairs(worker: Any, records: Sequence[Any], counts: Sequence[int], reps: int,
-                timeout: float) -> dict[tuple[int, int], list[Any]]:
+                cluster: Any) -> dict[tuple[int, int], list[Any]]:
     """A new set of pairs for every (repetition, count), sampled up front (untimed): a pair labelled twice would
     come from the prefix cache and measure nothing. One pair per prompt: its first two samples."""
     import ray
@@ -115,7 +115,8 @@ def fresh_pairs(worker: Any, records: Sequence[Any], counts: Sequence[int], reps
     sets = {}
     for rep in range(-1, reps):
         for n in counts:
-            batch = ray.get(worker.generate.remote(prompts, seed=10_000 + 100 * (rep + 1) + n), timeout=timeout)
+            batch = ray.get(worker.generate.remote(prompts, seed=10_000 + 100 * (rep + 1) + n),
+                            timeout=cluster.step_timeout_s)
             by_prompt: dict[str, list[Any]] = {}
             for s in batch.samples:
                 by_prompt.setdefault(s.prompt_id, []).append(s)
@@ -126,11 +127,11 @@ def fresh_pairs(worker: Any, records: Sequence[Any], counts: Sequence[int], reps
 
 def measure_feedback(workers: Sequence[Any], feedback: Any, pair_sets: dict[tuple[int, int], list[Any]],
                      counts: Sequence[int], reps: int,
-                     timeout: float) -> tuple[dict[int, list[tuple[float, float]]], int]:
+                     cluster: Any) -> tuple[dict[int, list[tuple[float, float]]], int]:
     """Labelled pairs per repetition through a FeedbackPool over the first n workers; and the item errors."""
     from cai_ray.inference.feedback import FeedbackPool
 
-    pools = {n: FeedbackPool(workers[:n], feedback, call_timeout_s=timeout) for n in counts}
+    pools = {n: FeedbackPool(workers[:n], feedback, cluster) for n in counts}
     errors = [0]
 
     def side(n: int) -> Callable[[int], float]:
@@ -182,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for _ in range(num_nodes):
         cluster.add_node(num_cpus=args.cpus_per_node, object_store_memory=256 << 20)
     cluster.wait_for_nodes()
-    cluster_cfg = ClusterConfig(address=cluster.address, placement_strategy="SPREAD", remote_call_timeout_s=900)
+    cluster_cfg = ClusterConfig(address=cluster.address, placement_strategy="SPREAD", startup_timeout_s=900,
+                                step_timeout_s=900)
     init_ray(cluster_cfg)
     model = ModelConfig(name=args.model, dtype="float32", max_model_len=1024)
     engine, resources = EngineConfig(kv_cache_memory_mb=64), ResourcesConfig(num_cpus=1)
@@ -196,15 +198,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         fleet = start_rollout_workers(model, rollout_cfg, data, cluster_cfg, seed=args.seed)
         pool = start_feedback_pool(model, feedback_cfg, ConstitutionConfig(path="harmless", num_few_shot=1), data,
                                    cluster_cfg, seed=args.seed)
-        timeout = cluster_cfg.remote_call_timeout_s
         placement = {"rollout": [_node_of(w) for w in fleet.workers], "feedback": [_node_of(w) for w in pool.workers]}
         records = load_prompts("redteam_train") + load_prompts("helpful_train")
         prompts = [Prompt(r.id, r.prompt) for r in records[: args.prompts]]
 
-        rollout_runs, same_tokens = measure_rollout(fleet.workers, prompts, args.counts, args.reps, timeout)
-        pair_sets = fresh_pairs(fleet.workers[0], records[: args.pairs], args.counts, args.reps, timeout)
+        rollout_runs, same_tokens = measure_rollout(fleet.workers, prompts, args.counts, args.reps, cluster_cfg)
+        pair_sets = fresh_pairs(fleet.workers[0], records[: args.pairs], args.counts, args.reps, cluster_cfg)
         feedback_runs, label_errors = measure_feedback(pool.workers, feedback_cfg, pair_sets, args.counts, args.reps,
-                                                       timeout)
+                                                       cluster_cfg)
     finally:
         if pool is not None:
             pool.shutdown()

@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from cai_ray.training.learner import LearnerRoles
 
     model = ModelConfig(name=resolve_model(args.model), dtype="float32", max_model_len=512)
-    cluster = ClusterConfig(num_cpus=8, object_store_memory_mb=2048, remote_call_timeout_s=600)
+    cluster = ClusterConfig(num_cpus=8, object_store_memory_mb=2048, step_timeout_s=600)
     init_ray(cluster)
     learner = LearnerGroup(LearnerConfig(num_ranks=2, zero_stage=3, collective_timeout_s=600), ModelsConfig(policy=model),
                            cluster, seed=0, roles=LearnerRoles(reference=False))
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             refs = [rank0.__ray_call__.remote(_flat_broadcast, 0, host, port, world, nbytes, 300, True)]
             refs += [w.__ray_call__.remote(_flat_broadcast, i + 1, host, port, world, nbytes, 300, False)
                      for i, (_, w) in enumerate(targets)]
-            return get_all(refs, timeout_s=600, names=["learner rank 0"] + [n for n, _ in targets])[0]
+            return get_all(refs, timeout=cluster.step, names=["learner rank 0"] + [n for n, _ in targets])[0]
 
         for rep in range(-1, args.reps):  # rep -1: warm-up, not recorded
             for t in transports:

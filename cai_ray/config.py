@@ -7,6 +7,7 @@ combinations raise :class:`ConfigError`, whose message names the file and the do
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +28,20 @@ RETIRED_KEYS: dict[str, str] = {
         "every sample is at most one version old and the bound could drop nothing (each row logs "
         "samples/staleness_max instead); delete the key"
     ),
+    "cluster.remote_call_timeout_s": (
+        "split into cluster.startup_timeout_s (actor start-up, model load), cluster.step_timeout_s (one batch "
+        "or learner step) and cluster.control_timeout_s (pings); set those instead"
+    ),
 }
+@dataclass(frozen=True)
+class Deadline:
+    """A timeout and the config key that sets it; every timeout error names the key (``str(deadline)``)."""
+
+    seconds: float
+    key: str  # dotted config key, e.g. "cluster.step_timeout_s"
+
+    def __str__(self) -> str:
+        return f"{self.seconds:.0f}s ({self.key})"
 
 
 class _Strict(BaseModel):
@@ -230,6 +244,11 @@ class SyncConfig(_Strict):
         True, description="Also push into feedback engines when the feedback model is the policy."
     )
 
+    @property
+    def deadline(self) -> Deadline:
+        """The whole-sync deadline, named by its key."""
+        return Deadline(self.timeout_s, "sync.timeout_s")
+
 
 class AttackStyleConfig(_Strict):
     """One attack style of the red-team grid."""
@@ -381,8 +400,38 @@ class ClusterConfig(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Placement-group strategy for each role's bundles (SPREAD spans nodes)."
     )
-    remote_call_timeout_s: float = Field(600.0, gt=0, description="Deadline for any one remote call.")
+    startup_timeout_s: float = Field(
+        900.0, gt=0, description="Deadline for an actor to come up: model download and load, vLLM engine and "
+        "DeepSpeed set-up, and a restarted actor's return.",
+    )
+    step_timeout_s: float = Field(
+        600.0, gt=0, description="Deadline for one unit of work: a generation or labelling batch, a learner step, "
+        "a checkpoint save or load.",
+    )
+    control_timeout_s: float = Field(
+        60.0, gt=0, description="Deadline for a small control call: ping, weight version, opening a rendezvous.",
+    )
     placement_timeout_s: float = Field(600.0, gt=0, description="How long to wait for a placement group.")
+
+    @property
+    def startup(self) -> Deadline:
+        """The start-up deadline, named by its key."""
+        return Deadline(self.startup_timeout_s, "cluster.startup_timeout_s")
+
+    @property
+    def step(self) -> Deadline:
+        """The per-step deadline, named by its key."""
+        return Deadline(self.step_timeout_s, "cluster.step_timeout_s")
+
+    @property
+    def control(self) -> Deadline:
+        """The control-call deadline, named by its key."""
+        return Deadline(self.control_timeout_s, "cluster.control_timeout_s")
+
+    @property
+    def placement(self) -> Deadline:
+        """The placement-group deadline, named by its key."""
+        return Deadline(self.placement_timeout_s, "cluster.placement_timeout_s")
 
 
 class ExperimentConfig(_Strict):

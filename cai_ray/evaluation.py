@@ -31,6 +31,7 @@ import numpy as np
 
 from cai_ray.config import ConfigError, DatasetConfig, ExperimentConfig, ModelConfig
 from cai_ray.data import PromptRecord, load_prompts, write_jsonl
+from cai_ray.models import ModelRef
 from cai_ray.types import ComparisonRequest, JudgeRequest, Prompt, RejectedItem, Sample
 
 HARMFUL_QUESTION = (
@@ -288,12 +289,11 @@ def evaluate(cfg: ExperimentConfig, checkpoints: dict[str, str], *, out_dir: str
     from cai_ray.inference.feedback import start_feedback_pool
     from cai_ray.launcher import init_ray
     from cai_ray.metrics import PhaseTimer
-    from cai_ray.models import resolve_model
 
     if not checkpoints:
         raise ConfigError("nothing to evaluate: give --checkpoint NAME=MODEL or --run-dir RUN")
     models = {name: _checkpoint_model(cfg, ref) for name, ref in checkpoints.items()}
-    resolved = {name: resolve_model(m.name, revision=m.revision) for name, m in models.items()}  # fail fast
+    resolved = {name: ModelRef.of(m) for name, m in models.items()}  # fail fast on a bad reference
     sets = {RED_TEAM: _read(cfg.data.red_team_eval), BENIGN: _read(cfg.data.helpful_eval)}
     prompts = [Prompt(f"{split}/{r.id}", r.prompt) for split, records in sets.items() for r in records]
     sensitive = {f"{BENIGN}/{r.id}": bool(r.meta.get(cfg.eval.sensitive_field)) for r in sets[BENIGN]}
@@ -326,7 +326,7 @@ def evaluate(cfg: ExperimentConfig, checkpoints: dict[str, str], *, out_dir: str
     boot = Bootstrap(cfg.eval.num_bootstrap_samples, cfg.seed, 1.0 - cfg.eval.confidence_level)
     report: dict[str, Any] = {"checkpoints": {}}
     for name, (by_prompt, rejected) in generated.items():
-        report["checkpoints"][name] = {"model": resolved[name]} | _checkpoint_entry(
+        report["checkpoints"][name] = {"model": resolved[name].path} | _checkpoint_entry(
             cfg, name, by_prompt, judgements, pm_scores if preference_model else None, sensitive, boot
         ) | {"counts": _counts(sets, sensitive, by_prompt, rejected, judgements, name)}
     report["win_rates"] = [_win_rate_entry(a, b, samples, prob_b, ties, boot) for a, b in pairs]
@@ -341,7 +341,7 @@ def evaluate(cfg: ExperimentConfig, checkpoints: dict[str, str], *, out_dir: str
 
 
 def score_with_preference_model(path: str, samples: Sequence[Sample], *, model: ModelConfig,
-                                checkpoints: Sequence[str]) -> list[float]:
+                                checkpoints: Sequence[ModelRef]) -> list[float]:
     """The preference model's score of each sample's prompt + response, in the driver process.
 
     Scores the token ids as sampled (the chat-templated prompt and the response, eos included), exactly
@@ -349,7 +349,6 @@ def score_with_preference_model(path: str, samples: Sequence[Sample], *, model: 
     ``model`` gives the dtype and ``trust_remote_code`` (the preference backbone's config).
     """
     import torch
-    from transformers import AutoTokenizer
 
     from cai_ray.backend import this_process
     from cai_ray.training.modeling import ScalarHeadModel, collate_sequences, last_token_scores, micro_batches
@@ -357,14 +356,14 @@ def score_with_preference_model(path: str, samples: Sequence[Sample], *, model: 
 
     if not ScalarHeadModel.is_saved_at(path):
         raise ConfigError(f"--preference-model {path}: not a saved preference model (no scalar_head.safetensors)")
-    vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+    pm_ref = ModelRef(path, revision=None, trust_remote_code=model.trust_remote_code)
+    vocab = pm_ref.tokenizer().get_vocab()
     for ref in checkpoints:
-        if AutoTokenizer.from_pretrained(ref).get_vocab() != vocab:
-            raise ConfigError(f"--preference-model {path}: its tokenizer differs from checkpoint {ref}'s; the "
+        if ref.tokenizer().get_vocab() != vocab:
+            raise ConfigError(f"--preference-model {path}: its tokenizer differs from checkpoint {ref.path}'s; the "
                               "preference model scores the checkpoints' token ids, so they must share a tokenizer")
     backend = this_process()  # the scoring runs right here, so this process's own hardware decides
-    pm = ScalarHeadModel.from_pretrained(path, dtype=backend.torch_dtype(model.dtype),
-                                         trust_remote_code=model.trust_remote_code).to(backend.device).eval()
+    pm = ScalarHeadModel.from_pretrained(pm_ref, dtype=backend.torch_dtype(model.dtype)).to(backend.device).eval()
     seqs = [TrainSequence(s.prompt_token_ids, s.response_token_ids) for s in samples]
     out: list[float] = []
     with torch.no_grad():
@@ -395,7 +394,7 @@ def _generate(cfg: ExperimentConfig, name: str, model: ModelConfig,
         n = len(fleet.workers)
         seed = stable_seed(cfg.seed, "eval")  # the same sampling seeds for every checkpoint
         refs = [w.generate.remote(prompts[i::n], seed=seed, num_samples=1) for i, w in enumerate(fleet.workers)]
-        batches = get_all(refs, timeout_s=cfg.cluster.remote_call_timeout_s,
+        batches = get_all(refs, timeout=cfg.cluster.step,
                           names=[f"{name}: rollout worker {i}: generate" for i in range(n)])
     finally:
         fleet.shutdown()

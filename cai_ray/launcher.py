@@ -2,8 +2,9 @@
 
 Roles are plain classes (testable in-process); here they get ``ray.remote`` options, a placement-group
 bundle sized from their config (so an autoscaler can add nodes while a group is pending), restart
-policy and the env of their role's backend decision (:mod:`cai_ray.backend`). Every wait has a
-deadline: a dead or stuck actor becomes :class:`RemoteCallError` naming it, never a hang.
+policy and the env of their role's backend decision (:mod:`cai_ray.backend`). Every wait has a deadline
+(a :class:`~cai_ray.config.Deadline`): a dead or stuck actor becomes :class:`RemoteCallError` naming it and
+the config key of the deadline it missed, never a hang.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cai_ray.backend import RoleBackend, decide
-from cai_ray.config import ClusterConfig, ResourcesConfig
+from cai_ray.config import ClusterConfig, Deadline, ResourcesConfig
 
 T = TypeVar("T")
 
@@ -59,14 +60,14 @@ def bundle(resources: ResourcesConfig) -> dict[str, float]:
     return b
 
 
-def reserve(bundles: Sequence[dict[str, float]], *, strategy: str, timeout_s: float, name: str) -> PlacementGroup:
+def reserve(bundles: Sequence[dict[str, float]], *, strategy: str, timeout: Deadline, name: str) -> PlacementGroup:
     """Create a placement group and wait for it; a pending group is what asks the autoscaler for nodes."""
     pg = placement_group(list(bundles), strategy=strategy)
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout.seconds)
     if not ready:
         remove_placement_group(pg)
         raise RemoteCallError(
-            f"placement group '{name}' ({list(bundles)}, {strategy}) was not scheduled within {timeout_s:.0f}s: "
+            f"placement group '{name}' ({list(bundles)}, {strategy}) was not scheduled within {timeout}: "
             "the cluster lacks these resources; lower the role's resources/num_workers or add nodes"
         )
     return pg
@@ -94,12 +95,12 @@ def spawn(cls: type[T], *args: Any, role: str, resources: ResourcesConfig, pg: P
 
 
 def wait_started(actors: Sequence[Any], *, names: Sequence[str], decision: RoleBackend,
-                 timeout_s: float) -> list[dict[str, Any]]:
+                 timeout: Deadline) -> list[dict[str, Any]]:
     """Wait until every actor's constructor has finished; print where each runs and from which code.
 
     A constructor that raised (a role mismatch, a model that does not load) fails here, naming the actor.
     """
-    reports = get_all([a.__ray_call__.remote(_whereabouts) for a in actors], timeout_s=timeout_s, names=names)
+    reports = get_all([a.__ray_call__.remote(_whereabouts) for a in actors], timeout=timeout, names=names)
     for name, r in zip(names, reports, strict=True):
         print(f"{name}: node {r['node_ip']} [{r['node_id'][:8]}] pid {r['pid']}, {decision.device}/"
               f"{decision.dist_backend}, GPU ids {r['gpu_ids'] or 'none'}, cai_ray from {r['source']}", flush=True)
@@ -123,30 +124,37 @@ def _reason(err: Exception) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def get(refs: Any, *, timeout_s: float, what: str) -> Any:
-    """``ray.get`` with a deadline; failures name ``what`` (e.g. 'learner rank 1: train_step')."""
+def get(refs: Any, *, timeout: Deadline, what: str) -> Any:
+    """``ray.get`` with a deadline; failures name ``what`` (e.g. 'learner rank 1: train_step') and the deadline."""
     try:
-        return ray.get(refs, timeout=timeout_s)
+        return ray.get(refs, timeout=timeout.seconds)
     except ray.exceptions.GetTimeoutError:
-        raise RemoteCallError(f"{what}: no answer within {timeout_s:.0f}s") from None
+        raise RemoteCallError(f"{what}: no answer within {timeout}") from None
     except ray.exceptions.RayActorError as err:
         raise RemoteCallError(f"{what}: the actor died ({type(err).__name__}: {_reason(err)})") from err
     except ray.exceptions.RayTaskError as err:
         raise RemoteCallError(f"{what}: failed: {err.cause!r}") from err
 
 
-def get_all(refs: Sequence[Any], *, timeout_s: float, names: Sequence[str]) -> list[Any]:
-    """Wait for one call per actor with one shared deadline; the error names each actor that failed."""
+def get_all(refs: Sequence[Any], *, timeout: Deadline, names: Sequence[str], left_s: float | None = None) -> list[Any]:
+    """Wait for one call per actor with one shared deadline; the error names each actor that failed.
+
+    ``left_s``: the part of ``timeout`` not yet used up by the caller (default: all of it).
+    """
     results: list[Any] = [None] * len(refs)
     pending = {ref: i for i, ref in enumerate(refs)}
-    ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    wait_s = timeout.seconds if left_s is None else max(0.0, left_s)
+    ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=wait_s)
     failed = [pending[r] for r in not_ready]
-    errors = [f"{names[pending[r]]}: no answer within {timeout_s:.0f}s" for r in not_ready]
+    errors = [f"{names[pending[r]]}: no answer within {timeout}" for r in not_ready]
     for ref in ready:
         i = pending[ref]
         try:
             results[i] = ray.get(ref, timeout=0)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+        except ray.exceptions.RayTaskError as err:  # the remote code raised: its own message says what is wrong
+            failed.append(i)
+            errors.append(f"{names[i]}: failed: {type(err.cause).__name__}: {err.cause}")
+        except ray.exceptions.RayActorError as err:
             failed.append(i)
             errors.append(f"{names[i]}: {type(err).__name__}: {_reason(err)}")
     if errors:
@@ -154,9 +162,9 @@ def get_all(refs: Sequence[Any], *, timeout_s: float, names: Sequence[str]) -> l
     return results
 
 
-def wait_restarted(actor: Any, *, timeout_s: float, what: str) -> None:
+def wait_restarted(actor: Any, *, timeout: Deadline, what: str) -> None:
     """Wait until Ray has restarted ``actor`` (calls to a restarting actor fail at once, so poll)."""
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + timeout.seconds
     while True:
         try:
             ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
@@ -169,4 +177,4 @@ def wait_restarted(actor: Any, *, timeout_s: float, what: str) -> None:
             break
         except ray.exceptions.RayActorError as err:
             raise RemoteCallError(f"{what}: did not come back ({type(err).__name__}); no restarts left?") from err
-    raise RemoteCallError(f"{what}: not restarted within {timeout_s:.0f}s")
+    raise RemoteCallError(f"{what}: not restarted within {timeout}")

@@ -15,8 +15,15 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from cai_ray.config import ModelConfig
 
 TINY = "tiny-random-llama"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -99,6 +106,55 @@ def resolve_model(ref: str, *, revision: str | None = None) -> str:
             "Use a built-in name, a local HF folder, or a reachable hub id."
         ) from None
     return ref
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What every model and tokenizer loader takes: where the model is, its hub revision, and whether it may run
+    code shipped with it. vLLM, the learner's and the SFT job's models, the scalar-head backbone and every
+    tokenizer load through these methods, so ``models.*.revision`` and ``trust_remote_code`` reach all of them.
+    """
+
+    path: str  # a local HF folder or a hub id (see resolve_model)
+    revision: str | None  # hub branch, tag or commit; None: the default branch (ignored for local folders)
+    trust_remote_code: bool
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> ModelRef:
+        """The reference for a model config: built-ins prepared, hub ids checked (see :func:`resolve_model`)."""
+        return cls(resolve_model(model.name, revision=model.revision), model.revision, model.trust_remote_code)
+
+    def at(self, folder: str) -> ModelRef:
+        """The same model saved into ``folder`` (a checkpoint): a local folder, so no revision; the same trust."""
+        return replace(self, path=str(folder), revision=None)
+
+    def hf_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of every transformers ``from_pretrained`` call."""
+        return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
+
+    def vllm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``vllm.LLM`` that say which model and tokenizer to load (vLLM keeps the
+        tokenizer's revision apart from the model's)."""
+        return {"model": self.path, "tokenizer": self.path, "revision": self.revision,
+                "tokenizer_revision": self.revision, "trust_remote_code": self.trust_remote_code}
+
+    def causal_lm(self, *, dtype: torch.dtype) -> Any:
+        """The model with its LM head (``AutoModelForCausalLM``)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, **self.hf_kwargs())
+
+    def base_model(self, *, dtype: torch.dtype) -> Any:
+        """The model without its head (``AutoModel``): the backbone of a scalar-head model."""
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(self.path, dtype=dtype, **self.hf_kwargs())
+
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (``AutoTokenizer``)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path, **self.hf_kwargs())
 
 
 # ---------------------------------------------------------------------------- tiny-random-llama

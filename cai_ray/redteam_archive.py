@@ -198,11 +198,13 @@ class EmbeddingSimilarity(Similarity):
     def _load(self) -> None:
         if self._model is not None:
             return
-        from transformers import AutoModel, AutoTokenizer
+        import torch
 
-        folder = minilm_folder()
-        self._tokenizer = AutoTokenizer.from_pretrained(folder)
-        self._model = AutoModel.from_pretrained(folder).eval()
+        from cai_ray.models import ModelRef
+
+        ref = ModelRef(str(minilm_folder()), revision=None, trust_remote_code=False)  # a folder we ship, no code
+        self._tokenizer = ref.tokenizer()
+        self._model = ref.base_model(dtype=torch.float32).eval()
 
 
 def minilm_folder() -> Path:

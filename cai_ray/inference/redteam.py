@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cai_ray.backend import enter_role
-from cai_ray.config import ClusterConfig, ModelConfig, RedTeamConfig
+from cai_ray.config import ClusterConfig, Deadline, ModelConfig, RedTeamConfig
 from cai_ray.constitution import render_chat
 from cai_ray.inference.engine import Engine, stable_seed, start_engine_actors
 from cai_ray.redteam_archive import Similarity
@@ -154,7 +154,7 @@ class RedTeamWorkers:
 
     workers: list[Any]
     placement_group: Any
-    timeout_s: float
+    timeout: Deadline  # one red-team step (cluster.step_timeout_s)
 
     def propose(self, requests: Sequence[AttackRequest], *, seed: int) -> list[AttackProposal]:
         """Proposals aligned with ``requests``, split evenly over the workers (one deadline for all)."""
@@ -163,7 +163,7 @@ class RedTeamWorkers:
         n = len(self.workers)
         parts = [(i, list(requests[i::n])) for i in range(n) if requests[i::n]]
         results = get_all([self.workers[i].propose.remote(part, seed=seed) for i, part in parts],
-                          timeout_s=self.timeout_s, names=[f"red-team worker {i}: propose" for i, _ in parts])
+                          timeout=self.timeout, names=[f"red-team worker {i}: propose" for i, _ in parts])
         by_id = {p.item_id: p for result in results for p in result}
         return [by_id[r.item_id] for r in requests]
 
@@ -184,4 +184,4 @@ def start_red_team_workers(model: ModelConfig, red_team: RedTeamConfig, cluster:
         RedTeamWorker, role="red_team", num_workers=red_team.num_workers, engine=red_team.engine,
         resources=red_team.resources, cluster=cluster, max_restarts=red_team.max_restarts,
         args=lambda i: ((model, red_team), {"seed": stable_seed(seed, "red-team-engine", i)}))
-    return RedTeamWorkers(workers, pg, cluster.remote_call_timeout_s)
+    return RedTeamWorkers(workers, pg, cluster.step)

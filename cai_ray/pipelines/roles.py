@@ -47,7 +47,6 @@ class Roles:
         self.feedback = feedback
         self.learner = learner
         self.red_team = red_team  # None unless red_team.enabled
-        self.timeout_s = cfg.cluster.remote_call_timeout_s
         targets = [(f"rollout worker {i}", w) for i, w in enumerate(self.rollout)]
         self._sync_feedback = cfg.models.feedback is None and cfg.sync.sync_feedback_engines
         if self._sync_feedback:
@@ -94,14 +93,14 @@ class Roles:
     def _get_rollout(self, i: int, part: list[Prompt], ref: Any, pending: PendingRollout, learner_version: int) -> Any:
         what = f"rollout worker {i}: generate"
         try:
-            return launcher.get(ref, timeout_s=self.timeout_s, what=what)
+            return launcher.get(ref, timeout=self.cfg.cluster.step, what=what)
         except launcher.RemoteCallError:
             # Once: wait for Ray to restart the actor, give it the learner's weights, redo its share.
             worker = self.rollout[i]
-            launcher.wait_restarted(worker, timeout_s=self.timeout_s, what=f"rollout worker {i}")
+            launcher.wait_restarted(worker, timeout=self.cfg.cluster.startup, what=f"rollout worker {i}")
             self.sync.push(learner_version, only=[f"rollout worker {i}"])
             retry = worker.generate.remote(part, seed=self._seed(pending.iteration), num_samples=pending.num_samples)
-            return launcher.get(retry, timeout_s=self.timeout_s, what=f"{what} (retry)")
+            return launcher.get(retry, timeout=self.cfg.cluster.step, what=f"{what} (retry)")
 
     def _seed(self, iteration: int) -> int:
         return stable_seed(self.cfg.seed, "rollout", iteration)

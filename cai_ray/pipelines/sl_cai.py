@@ -71,7 +71,7 @@ def _helpful_samples(cfg: ExperimentConfig, prompts: list[Prompt]) -> list:
     fleet = start_rollout_workers(cfg.models.policy, cfg.rollout, cfg.data, cfg.cluster, seed=cfg.seed)
     try:
         batch = get(fleet.workers[0].generate.remote(prompts, seed=stable_seed(cfg.seed, "sl-helpful")),
-                    timeout_s=cfg.cluster.remote_call_timeout_s, what="rollout worker 0: generate")
+                    timeout=cfg.cluster.step, what="rollout worker 0: generate")
     finally:
         fleet.shutdown()
     return [s for s in batch.samples if s.sample_index == 0]

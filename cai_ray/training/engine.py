@@ -12,6 +12,11 @@ A frozen model (the reference) gets no optimizer: under ZeRO-3 it is still a Dee
 parameters are partitioned and every forward is a collective); under stage 0-2 it stays a plain module.
 Gradient accumulation is driven by the caller (``set_gradient_accumulation_boundary``), so the ds_config
 always says ``gradient_accumulation_steps = 1``.
+
+Resuming unpickles nothing: DeepSpeed's ``load_checkpoint`` calls ``torch.load(weights_only=False)``, so
+:func:`load_checkpoint` first checks every state file for types outside DeepSpeed's own few (naming the
+file), then runs DeepSpeed's loader with ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``, which torch honours over an
+explicit ``weights_only=False``; the variable is set only for the duration of the load.
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from cai_ray.config import LearnerConfig
+from cai_ray.models import ModelRef
 
 logger = logging.getLogger(__name__)
 
@@ -191,13 +200,80 @@ def gathered_state_dict(module: torch.nn.Module, *, rank: int,
     return state
 
 
-def save_hf(module: torch.nn.Module, path: str, *, rank: int, tokenizer_from: str | None = None) -> None:
+def save_hf(module: torch.nn.Module, path: str, *, rank: int, tokenizer_from: ModelRef | None = None) -> None:
     """Write ``module`` (an HF model or ScalarHeadModel) as an HF folder on rank 0; collective under ZeRO-3."""
     state = gathered_state_dict(module, rank=rank)
     if rank != 0:
         return
     module.save_pretrained(path, state_dict=state)
     if tokenizer_from is not None:
-        from transformers import AutoTokenizer
+        tokenizer_from.tokenizer().save_pretrained(path)
 
-        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
+
+# ------------------------------------------------------------------------------ weights-only resume
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be loaded without unpickling arbitrary objects; the message names it."""
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """DeepSpeed's own types in its state files (0.19.8, ZeRO 0-3, with and without offload; measured with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint``). cai-ray passes DeepSpeed no lr scheduler and no
+    client state, so nothing else is in them."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def check_weights_only(folder: str | Path) -> None:
+    """Refuse (naming the file) any DeepSpeed state file in ``folder`` a weights-only load would not accept.
+
+    Reads the pickles' opcodes without running them. Raises :class:`CheckpointError`, or FileNotFoundError
+    when ``folder`` holds no state file.
+    """
+    files = sorted(Path(folder).glob("*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no DeepSpeed state files (*.pt) in {folder}")
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        for file in files:
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+            except Exception as err:  # noqa: BLE001 - not a torch.save zip (e.g. a bare pickle): refuse it
+                raise CheckpointError(f"{file}: not a torch.save checkpoint ({type(err).__name__}: {err}); "
+                                      "refusing to load it") from None
+            if unsafe:
+                raise CheckpointError(
+                    f"{file}: refusing to load it: it needs {sorted(unsafe)}, which a weights-only load does not "
+                    "allow (cai-ray's DeepSpeed saves never contain them; the file was replaced or tampered with)")
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside: every ``torch.load`` of this process is weights-only, DeepSpeed's own types allowed."""
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = previous
+
+
+def load_checkpoint(engine: Any, folder: str | Path, *, tag: str) -> None:
+    """``engine.load_checkpoint(folder, tag)`` with every state file checked, then loaded weights-only."""
+    check_weights_only(Path(folder) / tag)
+    try:
+        with weights_only_loads():
+            load_path, _ = engine.load_checkpoint(str(folder), tag=tag)
+    except pickle.UnpicklingError as err:  # a type the scan cannot see (built at unpickling time)
+        raise CheckpointError(f"{Path(folder) / tag}: refusing a state file that is not weights-only: "
+                              f"{str(err).splitlines()[0][:300]}") from None
+    if load_path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint with tag '{tag}' under {folder}")

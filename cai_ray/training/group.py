@@ -21,7 +21,7 @@ from ray.util.placement_group import remove_placement_group
 
 from cai_ray import launcher
 from cai_ray.backend import decide
-from cai_ray.config import ClusterConfig, LearnerConfig, ModelsConfig
+from cai_ray.config import ClusterConfig, Deadline, LearnerConfig, ModelsConfig
 from cai_ray.training.learner import CRITIC_FREE_ESTIMATORS, LearnerRoles, LearnerWorker, Metrics
 from cai_ray.training.modeling import group_size, shard
 from cai_ray.types import TrainPair, TrainSequence
@@ -37,12 +37,12 @@ class LearnerGroup:
     def __init__(self, learner: LearnerConfig, models: ModelsConfig, cluster: ClusterConfig, *, seed: int,
                  roles: LearnerRoles | None = None) -> None:
         self.cfg = learner
-        self.timeout_s = cluster.remote_call_timeout_s
+        self.step_timeout, self.control_timeout = cluster.step, cluster.control
         self.roles = roles or LearnerRoles.for_algorithm(learner.algorithm)
         n = learner.num_ranks
         self.names = [f"learner rank {i}" for i in range(n)]
         self._pg = launcher.reserve([launcher.bundle(learner.resources)] * n, strategy=cluster.placement_strategy,
-                                    timeout_s=cluster.placement_timeout_s, name="learner")
+                                    timeout=cluster.placement, name="learner")
         self._ranks: list[Any] = []
         try:
             self._ranks = [
@@ -52,10 +52,10 @@ class LearnerGroup:
                 for i in range(n)
             ]
             launcher.wait_started(self._ranks, names=self.names, decision=decide("learner", learner.resources),
-                                  timeout_s=self.timeout_s)
-            addr, port = launcher.get(self._ranks[0].open_rendezvous.remote(), timeout_s=self.timeout_s,
+                                  timeout=cluster.startup)
+            addr, port = launcher.get(self._ranks[0].open_rendezvous.remote(), timeout=cluster.startup,
                                       what="learner rank 0: open_rendezvous")
-            self.rank_info = self._all("setup", addr, port)
+            self.rank_info = self._all("setup", addr, port, timeout=cluster.startup)
         except BaseException:
             self.shutdown()
             raise
@@ -70,11 +70,11 @@ class LearnerGroup:
         return len(self._ranks)
 
     # -------------------------------------------------------------------------------- fan-out
-    def _wait(self, refs: Sequence[Any], what: str) -> list[Any]:
+    def _wait(self, refs: Sequence[Any], what: str, timeout: Deadline) -> list[Any]:
         """All results in rank order; the first rank to fail is named at once (fail fast)."""
         pending = {ref: i for i, ref in enumerate(refs)}
         waiting = list(refs)
-        deadline = self.timeout_s
+        deadline = timeout.seconds
         start = time.monotonic()
         while waiting:
             left = deadline - (time.monotonic() - start)
@@ -83,14 +83,14 @@ class LearnerGroup:
                 break
             for ref in ready:
                 i = pending[ref]
-                launcher.get_all([ref], timeout_s=0, names=[f"{self.names[i]}: {what}"])  # raises naming the rank
-        return launcher.get_all(list(refs), timeout_s=max(0.0, deadline - (time.monotonic() - start)),
+                launcher.get_all([ref], timeout=timeout, names=[f"{self.names[i]}: {what}"], left_s=0)  # raises
+        return launcher.get_all(list(refs), timeout=timeout, left_s=deadline - (time.monotonic() - start),
                                 names=[f"{name}: {what}" for name in self.names])
 
-    def _all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+    def _all(self, method: str, *args: Any, timeout: Deadline) -> list[Any]:
         """Call ``method`` with the same arguments on every rank."""
-        refs = [getattr(actor, method).remote(*args, **kwargs) for actor in self._ranks]
-        return self._wait(refs, method)
+        refs = [getattr(actor, method).remote(*args) for actor in self._ranks]
+        return self._wait(refs, method, timeout)
 
     def _sharded(self, method: str, items: Sequence[Any], *args: Any, unit: int = 1,
                  **kwargs: Any) -> tuple[list[Any], list[int]]:
@@ -98,7 +98,7 @@ class LearnerGroup:
         shards = shard(list(items), self.num_ranks, unit=unit)
         refs = [getattr(actor, method).remote(part, *args, num_valid=valid, **kwargs)
                 for actor, (part, valid) in zip(self._ranks, shards, strict=True)]
-        return self._wait(refs, method), [valid for _, valid in shards]
+        return self._wait(refs, method, self.step_timeout), [valid for _, valid in shards]
 
     def _step(self, method: str, items: Sequence[Any], *args: Any, unit: int = 1, **kwargs: Any) -> Metrics:
         results, weights = self._sharded(method, items, *args, unit=unit, **kwargs)
@@ -107,7 +107,7 @@ class LearnerGroup:
     # ---------------------------------------------------------------------------------- verbs
     def ping(self) -> list[dict[str, Any]]:
         """Every rank's identity; raises naming any rank that is gone."""
-        return self._all("ping")
+        return self._all("ping", timeout=self.control_timeout)
 
     def sft_step(self, seqs: Sequence[TrainSequence]) -> Metrics:
         """One optimizer step of SFT on ``seqs`` (split over ranks)."""
@@ -157,28 +157,28 @@ class LearnerGroup:
         done = {gen.completed(): i for i, gen in enumerate(gens[1:], start=1)}
         source = gens[0]
         while True:
-            ready, _ = ray.wait([source, *done], num_returns=1, timeout=self.timeout_s)
+            ready, _ = ray.wait([source, *done], num_returns=1, timeout=self.step_timeout.seconds)
             if not ready:
-                raise launcher.RemoteCallError(
-                    f"learner rank 0: export_weights: no bucket within {self.timeout_s:.0f}s")
+                raise launcher.RemoteCallError(f"learner rank 0: export_weights: no bucket within {self.step_timeout}")
             if ready[0] is not source:
                 i = done.pop(ready[0])
-                launcher.get_all([ready[0]], timeout_s=0, names=[f"{self.names[i]}: export_weights"])
+                launcher.get_all([ready[0]], timeout=self.step_timeout, names=[f"{self.names[i]}: export_weights"],
+                                 left_s=0)
                 continue
             try:
                 ref = next(source)
             except StopIteration:
                 break
-            yield launcher.get(ref, timeout_s=self.timeout_s, what="learner rank 0: export_weights")
-        self._wait([gen.completed() for gen in gens], "export_weights")
+            yield launcher.get(ref, timeout=self.step_timeout, what="learner rank 0: export_weights")
+        self._wait([gen.completed() for gen in gens], "export_weights", self.step_timeout)
 
     def save_checkpoint(self, path: str) -> None:
         """DeepSpeed states + HF folders (policy_hf, preference_hf) + RNG under ``path`` (shared storage)."""
-        self._all("save_checkpoint", path)
+        self._all("save_checkpoint", path, timeout=self.step_timeout)
 
     def load_checkpoint(self, path: str) -> None:
         """Restore a checkpoint written by a group of the same size and ZeRO stage."""
-        self._all("load_checkpoint", path)
+        self._all("load_checkpoint", path, timeout=self.step_timeout)
 
     def shutdown(self) -> None:
         """Kill the rank actors and release their placement group."""

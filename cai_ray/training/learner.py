@@ -45,6 +45,7 @@ from cai_ray.algorithms.preference import preference_loss
 from cai_ray.algorithms.sft import sft_loss
 from cai_ray.backend import enter_role
 from cai_ray.config import LearnerConfig, ModelConfig, ModelsConfig
+from cai_ray.models import ModelRef
 from cai_ray.sync import GroupSpec, ObjectStoreBucket, StatelessGroupTransport, SyncTimings, object_store_send
 from cai_ray.training import engine as ds
 from cai_ray.training.modeling import (
@@ -95,7 +96,7 @@ class LearnerWorker:
         self.reference: Any = None
         self.preference: Any = None
         self.critic: Any = None
-        self.paths: dict[str, str] = {}
+        self.refs: dict[str, ModelRef] = {}  # role -> where its model came from (its tokenizer is saved along)
         self.device = torch.device("cuda" if self.backend.device == "cuda" else "cpu")
         self.pad_id = 0
 
@@ -127,23 +128,19 @@ class LearnerWorker:
     def _dtype(self, model: ModelConfig) -> torch.dtype:
         return self.backend.torch_dtype(model.dtype)
 
-    def _resolve(self, role: str, model: ModelConfig) -> str:
-        from cai_ray.models import resolve_model
-
-        self.paths[role] = resolve_model(model.name, revision=model.revision)
-        return self.paths[role]
+    def _resolve(self, role: str, model: ModelConfig) -> ModelRef:
+        self.refs[role] = ModelRef.of(model)
+        return self.refs[role]
 
     def _causal_lm(self, role: str, model: ModelConfig) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(self._resolve(role, model), dtype=self._dtype(model),
-                                                    trust_remote_code=model.trust_remote_code)
+        return self._resolve(role, model).causal_lm(dtype=self._dtype(model))
 
     def _scalar(self, role: str, model: ModelConfig) -> ScalarHeadModel:
         """A saved scalar-head folder loads with its head; a plain LM folder gets a fresh head."""
-        path = self._resolve(role, model)
-        load = ScalarHeadModel.from_pretrained if ScalarHeadModel.is_saved_at(path) else ScalarHeadModel.from_backbone
-        return load(path, dtype=self._dtype(model), trust_remote_code=model.trust_remote_code)
+        ref = self._resolve(role, model)
+        if ScalarHeadModel.is_saved_at(ref.path):
+            return ScalarHeadModel.from_pretrained(ref, dtype=self._dtype(model))
+        return ScalarHeadModel.from_backbone(ref, dtype=self._dtype(model))
 
     def _wrap(self, module: torch.nn.Module, *, lr: float | None) -> Any:
         config = ds.ds_config(self.cfg, world_size=self.world_size, dtype=next(module.parameters()).dtype,
@@ -433,10 +430,10 @@ class LearnerWorker:
         root = Path(path)
         for name, engine in self._trainable().items():
             engine.save_checkpoint(str(root / name), tag="state")
-        ds.save_hf(self.policy.module, str(root / "policy_hf"), rank=self.rank, tokenizer_from=self.paths["policy"])
+        ds.save_hf(self.policy.module, str(root / "policy_hf"), rank=self.rank, tokenizer_from=self.refs["policy"])
         if self.preference is not None:
             ds.save_hf(self.preference.module, str(root / "preference_hf"), rank=self.rank,
-                       tokenizer_from=self.paths["preference"])
+                       tokenizer_from=self.refs["preference"])
         (root / "rng").mkdir(parents=True, exist_ok=True)
         _save_rng_state(root / "rng" / f"rank{self.rank}")
         torch.distributed.barrier()
@@ -444,10 +441,11 @@ class LearnerWorker:
     def load_checkpoint(self, path: str) -> None:
         """Restore what :meth:`save_checkpoint` wrote (same ZeRO stage and number of ranks)."""
         root = Path(path)
-        for name, engine in self._trainable().items():
-            load_path, _ = engine.load_checkpoint(str(root / name), tag="state")
-            if load_path is None:
-                raise FileNotFoundError(f"no DeepSpeed checkpoint for {name} under {root / name}")
+        engines = self._trainable()
+        for name in engines:  # every file first, so that all ranks refuse before any collective
+            ds.check_weights_only(root / name / "state")
+        for name, engine in engines.items():
+            ds.load_checkpoint(engine, root / name, tag="state")  # weights-only: nothing is unpickled
         _load_rng_state(root / "rng" / f"rank{self.rank}")
 
 

@@ -18,13 +18,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from cai_ray.algorithms.common import last_token_index
 from cai_ray.types import TrainPair, TrainSequence
+
+if TYPE_CHECKING:
+    from cai_ray.models import ModelRef
 
 T = TypeVar("T")
 
@@ -196,28 +199,27 @@ class ScalarHeadModel(nn.Module):
         return self.backbone.config
 
     @classmethod
-    def from_backbone(cls, path: str, *, dtype: torch.dtype, trust_remote_code: bool = False) -> ScalarHeadModel:
-        """A fresh head on the base model of an HF causal-LM (or base-model) folder."""
-        from transformers import AutoModel
+    def from_backbone(cls, ref: ModelRef, *, dtype: torch.dtype) -> ScalarHeadModel:
+        """A fresh head on the base model of an HF causal-LM (or base-model) folder or hub id."""
         from transformers.utils import logging as hf_logging
 
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # a causal-LM folder's unused lm_head is expected, not news
         try:
-            backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            backbone = ref.base_model(dtype=dtype)
         finally:
             hf_logging.set_verbosity(level)
         return cls(backbone)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype: torch.dtype, trust_remote_code: bool = False) -> ScalarHeadModel:
+    def from_pretrained(cls, ref: ModelRef, *, dtype: torch.dtype) -> ScalarHeadModel:
         """Load a folder written by :meth:`save_pretrained`."""
         from safetensors.torch import load_file
 
-        head_file = Path(path) / HEAD_FILE
+        head_file = Path(ref.path) / HEAD_FILE
         if not head_file.is_file():
-            raise FileNotFoundError(f"{path} has no {HEAD_FILE}; use ScalarHeadModel.from_backbone for a plain LM")
-        model = cls.from_backbone(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            raise FileNotFoundError(f"{ref.path} has no {HEAD_FILE}; use ScalarHeadModel.from_backbone for a plain LM")
+        model = cls.from_backbone(ref, dtype=dtype)
         state = load_file(str(head_file))
         model.head.load_state_dict({k: v.to(dtype) for k, v in state.items()})
         return model

@@ -5,7 +5,8 @@ RL learner) and minimises ``sft_loss`` on the responses. A global batch is ``mic
 worker; every worker sees the same shuffled order (seed + epoch) and takes its equal-length shard, so
 ZeRO-3's collective forwards stay in step. After each epoch the DeepSpeed state is reported as a Ray
 Train checkpoint (merged across workers in ``storage_path``); a retried run (``FailureConfig``) resumes
-from the last one. The last checkpoint also holds the HF-format policy, copied to ``<run_dir>/policy``.
+from the last one (so does a new run in the same ``run_dir``), loading it weights-only. The last checkpoint also
+holds the HF-format policy, copied to ``<run_dir>/policy``.
 Simplifications: no learning-rate schedule; one checkpoint per epoch.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.config import ClusterConfig, LearnerConfig, ModelConfig, SLConfig
+from cai_ray.models import ModelRef
 from cai_ray.types import TrainSequence
 
 HF_DIR = "hf"
@@ -65,23 +67,20 @@ def run_sft(data: Sequence[tuple[str, str]] | Sequence[TrainSequence], *, model:
     """
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from transformers import AutoTokenizer
 
     from cai_ray.backend import decide
     from cai_ray.launcher import bundle
-    from cai_ray.models import resolve_model
 
-    path = resolve_model(model.name, revision=model.revision)
+    ref = ModelRef.of(model)
     if data and not isinstance(data[0], TrainSequence):
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        data = encode_text_pairs(tokenizer, data, max_len=model.max_model_len)  # type: ignore[arg-type]
+        data = encode_text_pairs(ref.tokenizer(), data, max_len=model.max_model_len)  # type: ignore[arg-type]
     if not data:
         raise ValueError("run_sft: no training data")
     backend = decide("sft", sl.resources)
     root = Path(run_dir).resolve()
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"data": list(data), "model_path": path, "model": model, "sl": sl, "learner": learner,
+        train_loop_config={"data": list(data), "model_ref": ref, "model": model, "sl": sl, "learner": learner,
                            "seed": seed},
         torch_config=TorchConfig(backend=backend.dist_backend, timeout_s=int(learner.collective_timeout_s)),
         scaling_config=ScalingConfig(num_workers=sl.num_workers, use_gpu=backend.device == "cuda",
@@ -128,7 +127,6 @@ def _train_loop(config: dict[str, Any]) -> None:
     seed: int = config["seed"]
     backend = enter_role("sft", sl.resources, uses_vllm=False)
     import deepspeed
-    from transformers import AutoModelForCausalLM
 
     deepspeed.init_distributed(dist_backend=backend.dist_backend,
                                timeout=datetime.timedelta(seconds=learner.collective_timeout_s))
@@ -136,8 +134,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(seed)
     dtype = backend.torch_dtype(model_cfg.dtype)
-    module = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=dtype,
-                                                  trust_remote_code=model_cfg.trust_remote_code)
+    ref: ModelRef = config["model_ref"]
+    module = ref.causal_lm(dtype=dtype)
     pad_id = int(module.config.pad_token_id if module.config.pad_token_id is not None else 0)
     engine = ds.wrap(module, config=ds.ds_config(learner, world_size=world, dtype=dtype,
                                                  micro_batch_size=sl.micro_batch_size),
@@ -149,7 +147,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as folder:
-            engine.load_checkpoint(folder, tag="state")
+            ds.load_checkpoint(engine, folder, tag="state")  # weights-only: nothing is unpickled
             start_epoch = json.loads((Path(folder) / PROGRESS_FILE).read_text())["epoch"] + 1
     torch.manual_seed(seed + 1000 * (rank + 1))
 
@@ -170,8 +168,9 @@ def _train_loop(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             engine.save_checkpoint(folder, tag="state")
             if last:
-                ds.save_hf(engine.module, str(Path(folder) / HF_DIR), rank=rank, tokenizer_from=config["model_path"])
+                ds.save_hf(engine.module, str(Path(folder) / HF_DIR), rank=rank, tokenizer_from=ref)
             if rank == 0:
                 (Path(folder) / PROGRESS_FILE).write_text(json.dumps({"epoch": epoch}))
-            metrics = {"epoch": epoch, "loss/sft": sum(losses) / max(1, len(losses)), "steps": len(losses)}
+            metrics = {"epoch": epoch, "loss/sft": sum(losses) / max(1, len(losses)), "steps": len(losses),
+                       "start_epoch": start_epoch}  # > 0: this run resumed from a checkpoint
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

@@ -39,7 +39,7 @@ from cai_ray.types import Prompt, TrainSequence
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
 
 REPO = Path(__file__).parents[2]
-CLUSTER = ClusterConfig(remote_call_timeout_s=300, placement_timeout_s=120)
+CLUSTER = ClusterConfig(startup_timeout_s=600, step_timeout_s=300, placement_timeout_s=120)
 # Several engines share one GPU: each takes a small slice (vLLM checks free memory against this at start).
 ENGINE = EngineConfig(kv_cache_memory_mb=1024, gpu_memory_utilization=0.2, max_num_seqs=16, enforce_eager=True)
 PROMPT = tuple(random.Random(0).randrange(40, 2000) for _ in range(240))  # > one KV block
@@ -104,7 +104,7 @@ def test_deepspeed_zero_on_cuda_with_nccl(ray_local: None, tiny_model_path: str,
     group = LearnerGroup(learner, ModelsConfig(policy=ModelConfig(name=tiny_model_path)), CLUSTER, seed=0,
                          roles=LearnerRoles(reference=stage == 3))
     try:
-        [where] = launcher.get_all([a.__ray_call__.remote(_learner_devices) for a in group.actors], timeout_s=120,
+        [where] = launcher.get_all([a.__ray_call__.remote(_learner_devices) for a in group.actors], timeout=CLUSTER.step,
                                    names=["learner rank 0: devices"])
         assert where == {"accelerator": "cuda", "process_group": "nccl", "param_device": "cuda", "dtype": "bfloat16"}
         seqs = [TrainSequence(tuple(range(40, 60)), tuple(range(100, 110))) for _ in range(4)]
@@ -187,7 +187,7 @@ def test_one_rl_cai_iteration_on_smollm2(ray_local: None, smollm2_path: str, tmp
         "rollout.resources.num_gpus=0.2", "feedback.resources.num_gpus=0.2", "learner.resources.num_gpus=0.4",
         "rollout.engine.gpu_memory_utilization=0.2", "feedback.engine.gpu_memory_utilization=0.2",
         "rollout.engine.kv_cache_memory_mb=1024", "feedback.engine.kv_cache_memory_mb=1024",
-        f"logging.output_dir={tmp_path}", "logging.wandb_mode=disabled", "cluster.remote_call_timeout_s=300"])
+        f"logging.output_dir={tmp_path}", "logging.wandb_mode=disabled", "cluster.step_timeout_s=300"])
     assert cfg.resolved_sync_transport() == "gloo"
     history = rl_cai(cfg, run_dir_for(cfg))
     [row] = read_metrics(run_dir_for(cfg) / "metrics.jsonl")

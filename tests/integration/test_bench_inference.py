@@ -39,5 +39,9 @@ def test_bench_inference_quick_writes_json(ray_local: None, tiny_model_path: str
     assert rollout["same_tokens_generated"] is True  # both sides did the same work
     for key in ("median_ratio_actor_vs_direct", "median_ratio_pool_vs_naive", "median_ratio_pool_vs_raw"):
         assert (rollout | labels)[key] > 0
-    # The three labelling methods compute the same labels.
-    assert labels["max_abs_label_diff_vs_naive"] < 1e-6 and labels["max_abs_label_diff_vs_raw"] < 1e-4
+    # The three labelling methods compute the same labels: to float32 noise between engines (labels.py states
+    # the bound), and within 1e-4 for the raw prompt_logprobs path (whole-prompt recompute, as against HF).
+    from cai_ray.inference.labels import CROSS_CALL_TOLERANCE
+
+    assert labels["max_abs_label_diff_vs_naive"] < CROSS_CALL_TOLERANCE
+    assert labels["max_abs_label_diff_vs_raw"] < 1e-4

@@ -69,9 +69,12 @@ def test_peer_judge_gives_the_feedback_pools_labels(tiny_model_path: str) -> Non
     from cai_ray.config import ConstitutionConfig, DataConfig, EngineConfig, FeedbackConfig, ModelConfig
     from cai_ray.constitution import load_constitution
     from cai_ray.inference.feedback import FeedbackWorker
+    from cai_ray.inference.labels import CROSS_CALL_TOLERANCE
+    from cai_ray.models import ModelRef
     from cai_ray.types import ComparisonRequest
 
-    judge = ConstitutionJudge(tiny_model_path, load_constitution("harmless"), num_few_shot=1, seed=0)
+    judge = ConstitutionJudge(ModelRef(tiny_model_path, None, False), load_constitution("harmless"), num_few_shot=1,
+                              seed=0)
     worker = FeedbackWorker(ModelConfig(name=tiny_model_path, dtype="float32"),
                             FeedbackConfig(engine=EngineConfig(kv_cache_memory_mb=64)),
                             ConstitutionConfig(path="harmless", num_few_shot=1), DataConfig(), seed=0)
@@ -83,4 +86,5 @@ def test_peer_judge_gives_the_feedback_pools_labels(tiny_model_path: str) -> Non
                                  for i, (p, a, b) in enumerate(zip(prompts, first, second))])
     rewards = judge(prompts=prompts * 2, completions=first + second, user_text=prompts * 2)
     assert rewards[3:] == pytest.approx([1 - r for r in rewards[:3]])
-    assert rewards[:3] == pytest.approx([lab.prob_a for lab in labels], abs=1e-6)
+    # HF transformers vs the vLLM engine: equal to float32 noise (labels.py states the bound).
+    assert rewards[:3] == pytest.approx([lab.prob_a for lab in labels], abs=CROSS_CALL_TOLERANCE)

@@ -26,6 +26,7 @@ def tuned_and_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: str
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cai_ray.models import ModelRef
     from cai_ray.training.modeling import ScalarHeadModel
 
     root = tmp_path_factory.mktemp("eval")
@@ -40,7 +41,8 @@ def tuned_and_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: str
     tokenizer.save_pretrained(tuned)
     torch.manual_seed(0)
     pm_dir = root / "run" / "checkpoint" / "learner" / "preference_hf"
-    ScalarHeadModel.from_backbone(tiny_model_path, dtype=torch.float32).save_pretrained(str(pm_dir))
+    pm = ScalarHeadModel.from_backbone(ModelRef(tiny_model_path, None, False), dtype=torch.float32)
+    pm.save_pretrained(str(pm_dir))
     tokenizer.save_pretrained(pm_dir)
     return str(tuned), root / "run"
 
@@ -63,7 +65,7 @@ def test_eval_cli_report(ray_local: None, tuned_and_run: tuple[str, Path], tmp_p
                "--set", "data.helpful_eval.path=helpful_eval", "--set", f"data.helpful_eval.max_rows={NUM_ROWS}",
                "--set", "eval.max_new_tokens=8", "--set", "eval.num_bootstrap_samples=200",
                "--set", "rollout.engine.kv_cache_memory_mb=32", "--set", "feedback.engine.kv_cache_memory_mb=32",
-               "--set", "cluster.remote_call_timeout_s=180"])
+               "--set", "cluster.startup_timeout_s=180", "--set", "cluster.step_timeout_s=180"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "win-rate tuned over base" in printed and str(out / "eval.json") in printed

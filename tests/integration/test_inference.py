@@ -189,32 +189,43 @@ def test_rollout_rejects_bad_prompts_by_id(rollout_worker: Any) -> None:
 
 
 # -------------------------------------------------------------------------------------- feedback
-def test_multiple_choice_labels_swap_exact_and_seeded(choice_worker: Any) -> None:
+def test_multiple_choice_labels_swap_symmetric_and_seeded(choice_worker: Any) -> None:
     from cai_ray.constitution import load_constitution
+    from cai_ray.inference.labels import CROSS_CALL_TOLERANCE
 
     pairs = _pairs()
     labels = choice_worker.label_pairs(pairs)
     swapped = choice_worker.label_pairs([_swapped(r) for r in pairs])
     again = choice_worker.label_pairs(pairs)
+    together = choice_worker.label_pairs(pairs + [_swapped(r) for r in pairs])
     comparison_ids = {p.id: p for p in load_constitution("harmless").principles if p.comparison}
     for r, label, back in zip(pairs, labels, swapped):
         assert label.pair_id == r.pair_id and label.error is None and label.mode == "multiple_choice"
         assert 0.0 <= label.prob_a <= 1.0
-        assert back.prob_a == 1 - label.prob_a  # exact
+        # Another call (another batch, prefix-cache state) agrees to float32 engine noise, not bit for bit.
+        assert back.prob_a == pytest.approx(1 - label.prob_a, abs=CROSS_CALL_TOLERANCE)
         assert len(label.principle_ids) == 2 and set(label.principle_ids) <= set(comparison_ids)
         assert label.tiers == tuple(comparison_ids[p].tier for p in label.principle_ids)
         assert set(label.axes) == {a for p in label.principle_ids for a in comparison_ids[p].axes}
-    assert again == labels
+    for label, twin in zip(together[:3], together[3:]):
+        assert twin.prob_a == 1 - label.prob_a  # exact within one call
+    for label, repeat in zip(labels, again):
+        assert repeat.principle_ids == label.principle_ids  # seeded by pair id
+        assert repeat.prob_a == pytest.approx(label.prob_a, abs=CROSS_CALL_TOLERANCE)
     assert len({label.principle_ids for label in labels}) > 1  # principles differ between pairs
 
 
 def test_cot_labels_in_clamp_band(cot_worker: Any) -> None:
+    from cai_ray.inference.labels import CROSS_CALL_TOLERANCE
+
     labels = cot_worker.label_pairs(_pairs())
     for label in labels:
         assert label.error is None and label.mode == "cot"
         assert COT_BAND[0] <= label.prob_a <= COT_BAND[1]
         assert label.reasoning
-    assert cot_worker.label_pairs(_pairs()) == labels
+    for label, again in zip(labels, cot_worker.label_pairs(_pairs())):
+        assert again.reasoning == label.reasoning  # seeded sampling gives the same tokens
+        assert again.prob_a == pytest.approx(label.prob_a, abs=CROSS_CALL_TOLERANCE)
 
 
 def test_direct_scores_in_range_and_seeded(choice_worker: Any, direct_worker: Any) -> None:
@@ -223,7 +234,9 @@ def test_direct_scores_in_range_and_seeded(choice_worker: Any, direct_worker: An
     for s in scores:
         assert s.error is None and -1.0 <= s.score <= 1.0 and len(s.principle_ids) == 2
     assert len({s.score for s in scores}) > 1
-    assert choice_worker.direct_scores(requests) == scores
+    # score = (2 E[rating] - 11) / 9 moves by at most 2 * max |d log-prob| (<= 6.8e-5, see labels.py) between calls.
+    for s, again in zip(scores, choice_worker.direct_scores(requests)):
+        assert again.principle_ids == s.principle_ids and again.score == pytest.approx(s.score, abs=1e-4)
     labels = direct_worker.label_pairs(_pairs())
     for label in labels:
         assert label.error is None and label.mode == "direct" and 0.0 <= label.prob_a <= 1.0
@@ -282,4 +295,7 @@ def test_an_engine_error_fails_only_its_item(engine: Any) -> None:
     options = [engine.encode("A"), engine.encode("B")]
     out = _isolated(lambda batch: engine.score(batch, [options] * len(batch)), [good, bad, good])
     assert isinstance(out[1], Exception)
-    assert out[0] == out[2] == engine.score([good], [options])[0]  # the engine still serves
+    # The engine still serves; single-prompt calls in other prefix-cache states agree to fp32 noise (< 1e-4,
+    # the tolerance against HF above).
+    assert out[0] == pytest.approx(out[2], abs=1e-4)
+    assert engine.score([good], [options])[0] == pytest.approx(out[0], abs=1e-4)

@@ -10,7 +10,7 @@ from cai_ray.types import Prompt
 pytestmark = pytest.mark.slow
 
 SMALL_ENGINE = EngineConfig(kv_cache_memory_mb=32, max_num_seqs=32)
-CLUSTER = ClusterConfig(remote_call_timeout_s=180, placement_timeout_s=60)
+CLUSTER = ClusterConfig(startup_timeout_s=180, step_timeout_s=180, placement_timeout_s=60)
 PROMPTS = [Prompt("p0", "How do I cook rice?"), Prompt("p1", "How do I pick a lock?"), Prompt("p2", "Hi!")]
 
 

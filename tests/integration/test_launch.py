@@ -99,7 +99,7 @@ HETEROGENEOUS = textwrap.dedent("""
     from ray.util.placement_group import remove_placement_group
     from cai_ray import launcher
     from cai_ray.backend import decide, mismatches, observe
-    from cai_ray.config import ResourcesConfig, load_config
+    from cai_ray.config import Deadline, ResourcesConfig, load_config
     from cai_ray.inference.rollout import start_rollout_workers
     from cai_ray.pipelines.rl_cai import rl_cai
     from cai_ray.pipelines.run import run_dir_for
@@ -127,9 +127,9 @@ HETEROGENEOUS = textwrap.dedent("""
                                     "logging.wandb_mode=disabled"])
     ray.init(address=cluster.address)
     gpu = ResourcesConfig(num_cpus=1, num_gpus=1)
-    pg = launcher.reserve([launcher.bundle(gpu)], strategy="PACK", timeout_s=120, name="probe")
+    pg = launcher.reserve([launcher.bundle(gpu)], strategy="PACK", timeout=Deadline(120, "test placement"), name="probe")
     probe = launcher.spawn(Probe, gpu, role="rollout", resources=gpu, pg=pg, bundle_index=0)
-    launcher.wait_started([probe], names=["probe 0"], decision=decide("rollout", gpu), timeout_s=300)
+    launcher.wait_started([probe], names=["probe 0"], decision=decide("rollout", gpu), timeout=Deadline(300, "test start-up"))
     report = ray.get(probe.report.remote(), timeout=120)
     ray.kill(probe)
     remove_placement_group(pg)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 CFG = LearnerConfig(num_ranks=2, zero_stage=3, micro_batch_size=4, lr=1e-3, pm_lr=1e-3, critic_lr=1e-3, kl_coef=0.01,
                     zero3_param_persistence_threshold=0, collective_timeout_s=60, num_policy_epochs=2)
-CLUSTER = ClusterConfig(remote_call_timeout_s=120)
+CLUSTER = ClusterConfig(startup_timeout_s=120, step_timeout_s=120)
 GOOD, BAD = range(100, 112), range(300, 312)  # small pools: every token is seen in training
 
 
@@ -153,6 +153,7 @@ def test_a_policy_update_takes_num_policy_epochs_optimizer_steps(group, algorith
 def test_save_load_then_next_steps_match_uninterrupted_run(group, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from cai_ray.models import ModelRef
     from cai_ray.training.modeling import ScalarHeadModel, collate_sequences, last_token_scores
 
     seqs, more = _sft_batch(), _rollouts(7)
@@ -166,11 +167,36 @@ def test_save_load_then_next_steps_match_uninterrupted_run(group, tmp_path):
     # The HF folders hold the weights at save time.
     policy = AutoModelForCausalLM.from_pretrained(str(tmp_path / "policy_hf"), dtype=torch.float32).eval()
     assert _flat(_hf_logprobs(policy, seqs)) == pytest.approx(_flat(logprobs_at_save), abs=1e-4)
-    pm = ScalarHeadModel.from_pretrained(str(tmp_path / "preference_hf"), dtype=torch.float32).eval()
+    pm = ScalarHeadModel.from_pretrained(ModelRef(str(tmp_path / "preference_hf"), None, False),
+                                         dtype=torch.float32).eval()
     batch = collate_sequences(seqs, pad_id=0)
     with torch.no_grad():
         scores = last_token_scores(pm(batch.input_ids, batch.attention_mask), batch.attention_mask)
     assert scores.tolist() == pytest.approx(scores_at_save, abs=1e-4)
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted state file in a run folder would do."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_refuses_a_state_file_that_would_run_code(group, tmp_path):
+    group.save_checkpoint(str(tmp_path))
+    marker = tmp_path / "code-ran"
+    [optim] = sorted((tmp_path / "preference" / "state").glob("*rank_1*optim_states.pt"))
+    torch.save({"optimizer_state_dict": _RunsCode(marker)}, optim)
+    with pytest.raises(RemoteCallError, match=rf"load_checkpoint.*{optim}: refusing to load it.*posix\.system"):
+        group.load_checkpoint(str(tmp_path))
+    assert not marker.exists()
+    # Every rank refused before DeepSpeed read anything, so the group still trains.
+    assert group.sft_step(_sft_batch())["loss/sft"] > 0
 
 
 def _flat(rows) -> list[float]:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,3 +78,126 @@ def test_unknown_references_fail_clearly(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: patch the constant
     with pytest.raises(ModelNotFoundError, match="not a built-in .* hub could not provide it"):
         resolve_model("someone/not-a-real-model-xyz")
+
+
+# ------------------------------------------- models.*.revision and trust_remote_code reach every loader
+# Each loader runs in a fresh interpreter: the hub cache and the remote-code module cache are read from the
+# environment at import, and remote code, once imported, stays imported.
+LOADERS = textwrap.dedent("""
+    import json, sys
+    import torch
+    from cai_ray.config import EngineConfig, ModelConfig
+    from cai_ray.models import ModelRef
+
+    model = ModelConfig.model_validate_json(sys.argv[1])
+    ref = ModelRef.of(model)
+
+    def vllm():
+        from cai_ray.backend import apply_process_env, detect
+        apply_process_env(detect().device)  # as the engine actors do: the engine in this process
+        from vllm import LLM
+        from cai_ray.inference.engine import engine_args
+        llm = LLM(**engine_args(model, EngineConfig(kv_cache_memory_mb=16, max_num_seqs=2), seed=0))
+        return llm.llm_engine.model_config.hf_config, llm.get_tokenizer()
+
+    def scalar_head():
+        from cai_ray.training.modeling import ScalarHeadModel
+        return ScalarHeadModel.from_backbone(ref, dtype=torch.float32).config, None
+
+    loaders = {"causal_lm": lambda: (ref.causal_lm(dtype=torch.float32).config, None),
+               "scalar_head": scalar_head, "tokenizer": lambda: (None, ref.tokenizer()), "vllm": vllm}
+    try:
+        config, tok = loaders[sys.argv[2]]()
+        out = {"max_position_embeddings": getattr(config, "max_position_embeddings", None),
+               "chat_template": getattr(tok, "chat_template", None)}
+    except Exception as err:
+        out = {"error": f"{type(err).__name__}: {err}"}
+    print("RESULT " + json.dumps(out))
+""")
+LOADER_NAMES = ["causal_lm", "scalar_head", "tokenizer", "vllm"]
+
+
+def _load(model: Any, loader: str, env: dict[str, str]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-c", LOADERS, model.model_dump_json(), loader], capture_output=True,
+                          text=True, timeout=300, env=os.environ | env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, proc.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+PROBE = textwrap.dedent('''
+    from pathlib import Path
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizer
+
+    class ProbeConfig(PretrainedConfig):
+        model_type = "cai_remote_probe"
+
+        def __init__(self, **kwargs):
+            Path({marker!r}).touch()
+            super().__init__(**kwargs)
+
+    class ProbeModel(PreTrainedModel):
+        config_class = ProbeConfig
+
+    class ProbeTokenizer(PreTrainedTokenizer):
+        def __init__(self, **kwargs):
+            Path({marker!r}).touch()
+            super().__init__(**kwargs)
+''')
+
+
+def test_trust_remote_code_reaches_every_loader(tmp_path: Path) -> None:
+    from cai_ray.config import ModelConfig
+
+    folder, marker = tmp_path / "remote-code-model", tmp_path / "remote-code-ran"
+    folder.mkdir()
+    (folder / "probe.py").write_text(PROBE.format(marker=str(marker)))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "cai_remote_probe", "architectures": ["ProbeModel"], "max_position_embeddings": 64,
+        "auto_map": {"AutoConfig": "probe.ProbeConfig", "AutoModel": "probe.ProbeModel",
+                     "AutoModelForCausalLM": "probe.ProbeModel"}}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "ProbeTokenizer", "auto_map": {"AutoTokenizer": ["probe.ProbeTokenizer", None]}}))
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    for loader in LOADER_NAMES:
+        refused = _load(ModelConfig(name=str(folder), max_model_len=64), loader, env)
+        assert "trust_remote_code" in refused.get("error", ""), (loader, refused)
+        assert not marker.exists(), f"{loader} ran the model's code with trust_remote_code off"
+        _load(ModelConfig(name=str(folder), max_model_len=64, trust_remote_code=True), loader, env)
+        assert marker.exists(), f"{loader} did not get trust_remote_code=True"  # it may fail later: no weights
+        marker.unlink()
+
+
+def _fake_hub_revision(root: Path, src: str, repo: str, revision: str, *, max_pos: int, template_tag: str) -> None:
+    """``src`` as revision ``revision`` of hub repo ``repo`` in an HF hub cache at ``root`` (read offline)."""
+    import hashlib
+    import shutil
+
+    commit = hashlib.sha1(revision.encode()).hexdigest()
+    cache = root / f"models--{repo.replace('/', '--')}"
+    snapshot = cache / "snapshots" / commit
+    shutil.copytree(src, snapshot)
+    config = json.loads((snapshot / "config.json").read_text())
+    (snapshot / "config.json").write_text(json.dumps(config | {"max_position_embeddings": max_pos}))
+    template = (snapshot / "chat_template.jinja").read_text()
+    (snapshot / "chat_template.jinja").write_text(f"{{# {template_tag} #}}" + template)
+    (cache / "refs").mkdir(parents=True, exist_ok=True)
+    (cache / "refs" / revision).write_text(commit)
+
+
+def test_revision_reaches_every_loader(tmp_path: Path, tiny_model_path: str) -> None:
+    from cai_ray.config import ModelConfig
+
+    hub, repo = tmp_path / "hub", "cai-test/tiny-revisions"
+    _fake_hub_revision(hub, tiny_model_path, repo, "main", max_pos=2048, template_tag="main")
+    _fake_hub_revision(hub, tiny_model_path, repo, "v1", max_pos=1536, template_tag="v1")
+    env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    for loader in LOADER_NAMES:
+        for revision, max_pos, tag in ((None, 2048, "main"), ("v1", 1536, "v1")):
+            got = _load(ModelConfig(name=repo, revision=revision, dtype="float32", max_model_len=512), loader, env)
+            assert "error" not in got, (loader, revision, got)
+            if got["max_position_embeddings"] is not None:  # the model loaders
+                assert got["max_position_embeddings"] == max_pos, (loader, revision)
+            if got["chat_template"] is not None:  # the tokenizer loaders (vLLM has both)
+                assert got["chat_template"].startswith(f"{{# {tag} #}}"), (loader, revision)
+            assert loader != "vllm" or None not in got.values()

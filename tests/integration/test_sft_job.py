@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,17 +12,32 @@ from cai_ray.config import ClusterConfig, LearnerConfig, ModelConfig, SLConfig
 pytestmark = pytest.mark.slow
 
 
+SL = SLConfig(num_workers=2, num_epochs=1, lr=1e-3, micro_batch_size=2, max_failures=1)
+LEARNER = LearnerConfig(zero_stage=3, zero3_param_persistence_threshold=0, collective_timeout_s=120)
+DATA = [(f"Question {i}: what is {i} plus {i}?", f"The answer is {2 * i}.") for i in range(10)]
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted state file in a run folder would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
 def test_sft_job_writes_a_loadable_hf_policy(ray_local, tiny_model_path, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cai_ray.training.sft_job import run_sft
 
-    data = [(f"Question {i}: what is {i} plus {i}?", f"The answer is {2 * i}.") for i in range(10)]
-    result = run_sft(data, model=ModelConfig(name=tiny_model_path),
-                     sl=SLConfig(num_workers=2, num_epochs=1, lr=1e-3, micro_batch_size=2, max_failures=1),
-                     learner=LearnerConfig(zero_stage=3, zero3_param_persistence_threshold=0, collective_timeout_s=120),
-                     cluster=ClusterConfig(), run_dir=str(tmp_path), seed=0)
+    result = run_sft(DATA, model=ModelConfig(name=tiny_model_path), sl=SL, learner=LEARNER, cluster=ClusterConfig(),
+                     run_dir=str(tmp_path), seed=0)
     assert result.metrics["steps"] == 3  # 10 rows / (2 workers x 2 rows), the last batch half filler
+    assert result.metrics["start_epoch"] == 0
 
     tuned = AutoModelForCausalLM.from_pretrained(result.policy_path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(result.policy_path)
@@ -37,3 +54,28 @@ def test_sft_job_writes_a_loadable_hf_policy(ray_local, tiny_model_path, tmp_pat
         return float(-picked.mean())
 
     assert nll(tuned) < nll(base)  # it learned the responses
+
+    # A new run in the same folder with one more epoch resumes from the last checkpoint, loaded weights-only.
+    more = run_sft(DATA, model=ModelConfig(name=tiny_model_path), sl=SL.model_copy(update={"num_epochs": 2}),
+                   learner=LEARNER, cluster=ClusterConfig(), run_dir=str(tmp_path), seed=0)
+    assert (more.metrics["start_epoch"], more.metrics["epoch"], more.metrics["steps"]) == (1, 1, 3)
+
+    # A state file replaced by one that would run code is refused, by name, and runs nothing.
+    marker = tmp_path / "code-ran"
+    [optim] = sorted(Path(more.checkpoint_path, "state").glob("*rank_1*optim_states.pt"))
+    torch.save({"optimizer_state_dict": _RunsCode(marker)}, optim)
+    with pytest.raises(Exception) as refused:
+        run_sft(DATA, model=ModelConfig(name=tiny_model_path),
+                sl=SL.model_copy(update={"num_epochs": 3, "max_failures": 0}), learner=LEARNER,
+                cluster=ClusterConfig(), run_dir=str(tmp_path), seed=0)
+    assert f"{optim.name}: refusing to load it" in _chain(refused.value) and "posix.system" in _chain(refused.value)
+    assert not marker.exists()
+
+
+def _chain(err: BaseException | None) -> str:
+    """The messages of an exception and its causes (Ray Train wraps the workers' errors)."""
+    parts = []
+    while err is not None:
+        parts.append(str(err))
+        err = err.__cause__ or err.__context__
+    return "\n".join(parts)

@@ -32,7 +32,7 @@ from cai_ray.types import TrainSequence
 
 pytestmark = pytest.mark.slow
 
-CLUSTER = ClusterConfig(remote_call_timeout_s=180, placement_timeout_s=60)
+CLUSTER = ClusterConfig(startup_timeout_s=180, step_timeout_s=180, placement_timeout_s=60)
 ENGINE = EngineConfig(kv_cache_memory_mb=32, max_num_seqs=8)
 PROMPT = tuple(random.Random(0).randrange(40, 2000) for _ in range(240))  # > one KV block
 CONTINUATION = tuple(random.Random(1).randrange(40, 2000) for _ in range(6))
@@ -158,7 +158,7 @@ def test_killed_receiver_is_a_clear_error_and_the_next_sync_succeeds(setup) -> N
     # The survivors never loaded anything: they still serve their previous, complete version.
     survivors = [a for n, a in targets if n != victim_name]
     assert ray.get([a.weight_version.remote() for a in survivors], timeout=60) == [10, 10]
-    wait_restarted(victim, timeout_s=120, what=victim_name)
+    wait_restarted(victim, timeout=CLUSTER.startup, what=victim_name)
     expected = _hf_logprob(group, model.name)
     sync.push(21)
     assert not sync.stale

@@ -132,3 +132,24 @@ def test_a_retired_key_says_why_it_went(tmp_path: Path) -> None:
     assert "one version old" in msg and "delete the key" in msg
     with pytest.raises(ConfigError, match=r"schedule\.max_staleness: removed"):
         load_config(None, ["schedule.max_staleness=2"])
+def test_the_old_timeout_key_names_its_replacements(tmp_path: Path) -> None:
+    path = write(tmp_path, "cluster:\n  remote_call_timeout_s: 600\n")
+    for args in ((path,), (None, ["cluster.remote_call_timeout_s=600"])):
+        with pytest.raises(ConfigError) as err:
+            load_config(*args)
+        text = str(err.value)
+        assert "cluster.remote_call_timeout_s: split into" in text
+        assert all(key in text for key in ("cluster.startup_timeout_s", "cluster.step_timeout_s",
+                                           "cluster.control_timeout_s"))
+    assert str(path) in str(pytest.raises(ConfigError, load_config, path).value)
+
+
+def test_deadlines_carry_their_key() -> None:
+    cfg = load_config(None, ["cluster.step_timeout_s=90", "cluster.startup_timeout_s=1200", "sync.timeout_s=30"])
+    assert (cfg.cluster.step.seconds, cfg.cluster.step.key) == (90, "cluster.step_timeout_s")
+    assert str(cfg.cluster.startup) == "1200s (cluster.startup_timeout_s)"
+    assert str(cfg.cluster.control) == "60s (cluster.control_timeout_s)"
+    assert str(cfg.cluster.placement) == "600s (cluster.placement_timeout_s)"
+    assert str(cfg.sync.deadline) == "30s (sync.timeout_s)"
+    with pytest.raises(ConfigError, match=r"cluster\.control_timeout_s: Input should be greater than 0"):
+        load_config(None, ["cluster.control_timeout_s=0"])
