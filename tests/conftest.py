@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart-cpu.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +44,19 @@ def ray_local() -> Iterator[None]:
     init_ray(ClusterConfig(num_cpus=8, object_store_memory_mb=1024))
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sl_policy(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """SL-CAI once per session (critique/revision in the feedback pool, then the Ray Train SFT job): the HF
+    folder of the trained policy, for every test that starts from one (about 1.5-2 min on 2 cores)."""
+    from cai_ray.config import load_config
+    from cai_ray.pipelines.run import run_experiment
+
+    out = tmp_path_factory.mktemp("sl")
+    cfg = load_config(QUICKSTART, [f"logging.output_dir={out}/{{name}}", "logging.wandb_mode=disabled",
+                                   "cluster.num_cpus=8", "sl.num_red_team_prompts=4"])
+    run_dir = run_experiment(cfg, sl=True, rl=False)
+    rows = (run_dir / "sl" / "sft_data.jsonl").read_text().splitlines()
+    assert len(rows) >= 4  # revisions + helpfulness samples
+    return str(run_dir / "sl" / "policy")

@@ -1,30 +1,32 @@
-"""Smoke the learner benchmark (--quick): it runs end to end and writes the JSON fields we promise."""
+"""Smoke the learner benchmark (--quick): it runs end to end and writes the JSON fields we promise (not the speed)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_learner.py"
 
 
-def test_bench_learner_quick_writes_json(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_learner.py"), "--quick",
-                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_bench_learner_quick_writes_json(ray_local: None, tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_learner", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    # In-process: every rank (LearnerGroup's and the plain loop's) is an actor on the session's Ray.
+    returned = bench.main(["--quick", "--out", str(tmp_path)])
     [out] = tmp_path.glob("learner-zero2-quick-*.json")
+    assert returned["json"] == str(out)
     result = json.loads(out.read_text())
     assert result["quick"] is True
     assert {"logical_cores", "ram_gib", "cpu_flags"} <= result["machine"].keys()
     assert {"torch", "deepspeed", "ray", "transformers"} <= result["packages"].keys()
-    assert "bench_learner.py" in result["command"] and "--quick" in result["command"]
+    assert "benchmarks.bench_learner --quick" in result["command"]
     assert len(result["repetitions"]) == result["config"]["reps"] >= 1
     for rep in result["repetitions"]:
         assert rep["learner_tokens_per_s"] > 0 and rep["plain_tokens_per_s"] > 0

@@ -1,9 +1,21 @@
-"""The product loop on the real CPU stack: SL + RL-CAI (sync and async), resume, killed actors, empty iterations."""
+"""The product loop on the real CPU stack: SL + RL-CAI (sync and async), resume, killed actors, empty iterations.
+
+Starting the roles (two vLLM engines and a DeepSpeed learner) is most of an RL run's cost on CPU, 20-40 s on 2
+cores, where an iteration of the tiny model takes well under a second. So start-ups are shared where isolation
+allows: SL runs once per session (``sl_policy`` in conftest), the resume test continues a copy of the
+uninterrupted run as it was after its first iteration, and the tests that need no fresh learner run on one set
+of roles (``base_roles``). Runs whose assertions count from a fresh learner, or restore into fresh actors, start
+their own.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,18 +29,6 @@ QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart-cpu.yaml"
 def quickstart(tmp_path: Path, *overrides: str) -> ExperimentConfig:
     return load_config(QUICKSTART, [f"logging.output_dir={tmp_path}/{{name}}", "logging.wandb_mode=disabled",
                                     "cluster.num_cpus=8", *overrides])
-
-
-@pytest.fixture(scope="module")
-def sl_policy(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """SL-CAI once for the module: critique/revision in the feedback pool, then the Ray Train SFT job."""
-    from cai_ray.pipelines.run import run_experiment
-
-    cfg = quickstart(tmp_path_factory.mktemp("sl"), "sl.num_red_team_prompts=4")
-    run_dir = run_experiment(cfg, sl=True, rl=False)
-    rows = (run_dir / "sl" / "sft_data.jsonl").read_text().splitlines()
-    assert len(rows) >= 4  # revisions + helpfulness samples
-    return str(run_dir / "sl" / "policy")
 
 
 EPOCHS = 2  # learner.num_policy_epochs of the loop runs: exactly this many policy optimizer steps per iteration
@@ -50,20 +50,33 @@ def _check_history(history: list[dict[str, float]], iterations: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(sl_policy: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, list]:
-    """Two synchronous iterations from the SL policy, checkpointing every iteration."""
+def uninterrupted(sl_policy: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, list, Path]:
+    """Two synchronous iterations from the SL policy, checkpointing every iteration; and a copy of its run folder
+    taken as an interruption right after iteration 0 would leave it (that checkpoint and metrics row 0)."""
+    from cai_ray.metrics import MetricsWriter
     from cai_ray.pipelines.rl_cai import rl_cai
     from cai_ray.pipelines.run import run_dir_for
 
     cfg = quickstart(tmp_path_factory.mktemp("full"), f"models.policy.name={sl_policy}",
                      f"learner.num_policy_epochs={EPOCHS}")
-    return cfg, rl_cai(cfg, run_dir_for(cfg))
+    run_dir, after_first = run_dir_for(cfg), tmp_path_factory.mktemp("after_first") / "run"
+    log = MetricsWriter.log
+
+    def log_then_copy(self: MetricsWriter, step: int, metrics: dict[str, Any]) -> None:
+        log(self, step, metrics)  # iteration 0 logs after its checkpoint: the copy holds both
+        if step == 0:
+            shutil.copytree(run_dir, after_first)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MetricsWriter, "log", log_then_copy)
+        history = rl_cai(cfg, run_dir)
+    return cfg, history, after_first
 
 
-def test_sync_loop_from_sl_policy(uninterrupted: tuple[ExperimentConfig, list]) -> None:
+def test_sync_loop_from_sl_policy(uninterrupted: tuple[ExperimentConfig, list, Path]) -> None:
     from cai_ray.pipelines.run import run_dir_for
 
-    cfg, history = uninterrupted
+    cfg, history, _ = uninterrupted
     _check_history(history, 2)
     assert [m["samples/staleness_max"] for m in history] == [0.0, 0.0]  # sync: trained on the weights that sampled
     assert read_metrics(run_dir_for(cfg) / "metrics.jsonl")[-1]["iteration"] == 1
@@ -83,26 +96,26 @@ def test_async_loop_trains_on_samples_one_version_old(sl_policy: str, tmp_path: 
     assert all(m["timing/idle"] >= 0 and m["timing/checkpoint"] >= 0 for m in history)
 
 
-def test_resume_reproduces_uninterrupted_run(uninterrupted: tuple[ExperimentConfig, list], sl_policy: str,
+def test_resume_reproduces_uninterrupted_run(uninterrupted: tuple[ExperimentConfig, list, Path], sl_policy: str,
                                              tmp_path: Path) -> None:
+    from cai_ray.pipelines.checkpoint import ResumeError
     from cai_ray.pipelines.rl_cai import rl_cai
     from cai_ray.pipelines.run import run_dir_for
 
-    from cai_ray.pipelines.checkpoint import ResumeError
-
-    _, full = uninterrupted
+    _, full, after_first = uninterrupted
     args = (f"models.policy.name={sl_policy}", f"learner.num_policy_epochs={EPOCHS}")
+    run_dir = run_dir_for(quickstart(tmp_path, *args))
     with pytest.raises(ResumeError, match="no checkpoint under"):  # nothing to resume: an error, not iteration 0
-        rl_cai(quickstart(tmp_path, *args), run_dir_for(quickstart(tmp_path, *args)), resume=True)
-    part = quickstart(tmp_path, *args, "schedule.num_iterations=1")
-    run_dir = run_dir_for(part)
-    rl_cai(part, run_dir)
+        rl_cai(quickstart(tmp_path, *args), run_dir, resume=True)
+    # The uninterrupted run as it was after iteration 0 (its checkpoint and metrics row 0), in a new folder.
+    shutil.copytree(after_first, run_dir, dirs_exist_ok=True)
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0]
     # As if the interrupted run had logged iteration 1 after its last checkpoint: the resume drops that row.
     with (run_dir / "metrics.jsonl").open("a") as f:
         f.write('{"step": 1, "iteration": 1.0, "leftover": 1.0}\n')
     with pytest.raises(ResumeError, match=r"learner\.lr: 0\.0001 \(checkpoint\) != 0\.001 \(now\)"):
         rl_cai(quickstart(tmp_path, *args, "learner.lr=1e-3"), run_dir, resume=True)  # refused before start-up
-    resumed_cfg = quickstart(tmp_path, *args)  # same run folder, 2 iterations
+    resumed_cfg = quickstart(tmp_path, *args)  # same run folder, 2 iterations, roles started afresh
     resumed = rl_cai(resumed_cfg, run_dir_for(resumed_cfg), resume=True)
     assert [int(m["iteration"]) for m in resumed] == [1]
     keys = ["reward/mean", "pm_fresh/accuracy", "pm_fresh/loss", "loss/pm", "loss/dpo", "labels/prob_a_mean",
@@ -113,69 +126,29 @@ def test_resume_reproduces_uninterrupted_run(uninterrupted: tuple[ExperimentConf
     assert [r["step"] for r in rows] == [0, 1] and "leftover" not in rows[1]
 
 
-def test_killed_rollout_and_feedback_actors_lose_no_work(ray_local: None, tmp_path: Path) -> None:
-    """A rollout worker dies in the async idle phase (the learner one update ahead of the engines), then a
-    feedback worker dies while labelling: nothing is lost, and every sample records the weights that made it."""
-    import ray
-
-    from cai_ray.pipelines.rl_cai import _iteration_prompts, _prompt_pool, make_pairs
-    from cai_ray.pipelines.roles import start_roles
-    from cai_ray.types import TrainSequence
-
-    # A large lr so that the learner's update moves log-probs far beyond the tolerance checked below.
-    cfg = quickstart(tmp_path, "schedule.num_prompts_per_iteration=6", "learner.lr=1e-2")
-    prompts = _iteration_prompts(cfg, _prompt_pool(cfg), 0)
-    roles = start_roles(cfg)
-    try:
-        roles.push_weights(1)
-        for _ in range(3):  # the policy update of iteration 1: the learner now holds version 2, not yet pushed
-            roles.learner.sft_step([TrainSequence((500 + i, 600 + i, 700), (800 + i, 900)) for i in range(4)])
-        pending = roles.submit_generate(prompts, iteration=1)  # sampled by the engines' version 1 ...
-        ray.kill(roles.rollout[0], no_restart=False)  # ... but the worker dies with its batch in flight
-        samples = list(roles.collect(pending, learner_version=2).samples)
-        k = cfg.rollout.num_samples_per_prompt
-        assert sorted(s.prompt_id for s in samples) == sorted(p.id for p in prompts for _ in range(k))
-        # The restarted engine got the learner's weights first; its samples carry their version (the bug: 1).
-        assert {s.weight_version for s in samples} == {2}
-        assert ray.get(roles.rollout[0].weight_version.remote(), timeout=60) == 2
-        # ... and really came from them: the learner's fp32 log-probs of the samples agree (vLLM vs HF: ~1e-5).
-        ours = roles.learner.policy_logprobs([TrainSequence(s.prompt_token_ids, s.response_token_ids)
-                                              for s in samples])
-        assert max(abs(a - b) for s, lp in zip(samples, ours, strict=True)
-                   for a, b in zip(s.response_logprobs, lp, strict=True)) < 1e-3
-        roles.push_weights(2)
-        requests, _ = make_pairs(samples, iteration=1)
-        worker = roles.feedback.workers[0]
-        ray.kill(worker, no_restart=False)
-        labels = roles.feedback.label_pairs(requests)
-        assert [lab.pair_id for lab in labels] == [r.pair_id for r in requests]
-        assert all(lab.error is None for lab in labels)
-        assert ray.get(worker.weight_version.remote(), timeout=60) == 2  # re-synced through on_restart
-    finally:
-        roles.shutdown()
-
-
-def test_iterations_with_every_prompt_rejected_are_logged_empty_or_stop_the_run(ray_local: None,
-                                                                                tmp_path: Path) -> None:
-    from cai_ray.pipelines.rl_cai import EmptyIterationError, rl_cai
+def test_eval_on_the_quickstart_checkpoints(uninterrupted: tuple[ExperimentConfig, list, Path],
+                                            tmp_path: Path) -> None:
+    """`cai-ray eval --run-dir` on the RL run: base (its SL starting policy) vs rl, scored by the run's own PM."""
+    from cai_ray.cli import main
     from cai_ray.pipelines.run import run_dir_for
 
-    # Every chat-templated prompt is longer than 8 tokens: each is rejected by id, nothing is sampled.
-    args = ("data.max_prompt_tokens=8", "data.overlong_prompt=reject", "schedule.mode=async",
-            "schedule.num_prompts_per_iteration=2", "schedule.helpful_fraction=0")
-    cfg = quickstart(tmp_path, *args)
-    history = rl_cai(cfg, run_dir_for(cfg))
-    assert [m["iteration/empty"] for m in history] == [1.0, 1.0]
-    for m in history:
-        assert m["iteration/empty_reason"].startswith("no samples: all 2 prompts were rejected (first: prompt '")
-        assert "exceeds data.max_prompt_tokens=8" in m["iteration/empty_reason"]
-        assert m["weight_version"] == 0.0 and "sync/total_s" not in m and m["samples/count"] == 0.0
-    rows = read_metrics(run_dir_for(cfg) / "metrics.jsonl")
-    assert [r["iteration/empty_reason"] for r in rows] == [m["iteration/empty_reason"] for m in history]
-    # The same run continued with on_empty_iteration=error stops at its next iteration, naming why.
-    more = quickstart(tmp_path, *args, "schedule.num_iterations=3", "schedule.on_empty_iteration=error")
-    with pytest.raises(EmptyIterationError, match=r"iteration 2 has nothing to train on: no samples: all 2 prompts"):
-        rl_cai(more, run_dir_for(more), resume=True)
+    cfg, _, _ = uninterrupted
+    run_dir = run_dir_for(cfg)
+    rc = main(["eval", "--config", str(QUICKSTART), "--run-dir", str(run_dir), "--out", str(tmp_path),
+               "--set", f"models.policy.name={cfg.models.policy.name}", "--set", "data.red_team_eval.max_rows=4",
+               "--set", "data.helpful_eval.max_rows=4", "--set", "eval.max_new_tokens=8",
+               "--set", "eval.num_bootstrap_samples=100"])
+    assert rc == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert list(report["checkpoints"]) == ["base", "rl"]
+    assert report["checkpoints"]["rl"]["model"].endswith("policy_hf")
+    for r in report["checkpoints"].values():
+        assert r["counts"]["responses"] == 8 and r["counts"]["judge_errors"] == 0
+        assert 0.0 <= r["harmlessness"]["harmful_rate"] <= 1.0 and 0.0 <= r["over_refusal"]["refusal_rate"] <= 1.0
+        assert r["pm_score"]["n"] == 4 and math.isfinite(r["pm_score"]["mean"])
+    [win] = report["win_rates"]
+    assert (win["a"], win["b"]) == ("base", "rl") and win["n"] == 8
+    assert report["metadata"]["preference_model"] == str(run_dir / "checkpoint" / "learner" / "preference_hf")
 
 
 def test_a_failed_start_up_closes_the_metrics_writer_and_its_wandb_run(ray_local: None, tmp_path: Path) -> None:
@@ -193,27 +166,97 @@ def test_a_failed_start_up_closes_the_metrics_writer_and_its_wandb_run(ray_local
     assert wandb.run is None  # finished, not leaked into the next run of this process
 
 
-def test_eval_on_the_quickstart_checkpoints(uninterrupted: tuple[ExperimentConfig, list], tmp_path: Path) -> None:
-    """`cai-ray eval --run-dir` on the RL run: base (its SL starting policy) vs rl, scored by the run's own PM."""
-    import json
+# ------------------------------------------------------------------ tests on one set of started roles
+# Roles of the base policy, with a large lr so that one learner update moves log-probs far beyond the tolerance
+# of the killed-actor test. Every config run on them is built from ROLE_ARGS: same role fields by construction.
+ROLE_ARGS = ("learner.lr=1e-2",)
+ROLE_FIELDS = {"seed", "models", "constitution", "rollout", "feedback", "learner", "sync", "cluster"}
 
-    from cai_ray.cli import main
+
+@pytest.fixture(scope="module")
+def base_roles(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Rollout engine, feedback engine and learner started once for the tests that need no fresh learner."""
+    from cai_ray.pipelines.roles import start_roles
+
+    roles = start_roles(quickstart(tmp_path_factory.mktemp("roles"), *ROLE_ARGS))
+    yield roles
+    roles.shutdown()
+
+
+def _lend(roles: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``rl_cai`` run on ``roles`` (already started; left running) instead of starting and stopping its own."""
+    import cai_ray.pipelines.rl_cai as loop
+
+    def start_roles(cfg: ExperimentConfig) -> Any:
+        assert cfg.model_dump(include=ROLE_FIELDS) == roles.cfg.model_dump(include=ROLE_FIELDS)
+        assert (cfg.data.max_prompt_tokens, cfg.data.overlong_prompt) == (roles.cfg.data.max_prompt_tokens,
+                                                                          roles.cfg.data.overlong_prompt)
+        return roles
+
+    monkeypatch.setattr(loop, "start_roles", start_roles)
+    monkeypatch.setattr(roles, "shutdown", lambda: None)
+
+
+def test_killed_rollout_and_feedback_actors_lose_no_work(base_roles: Any, tmp_path: Path) -> None:
+    """A rollout worker dies in the async idle phase (the learner one update ahead of the engines), then a
+    feedback worker dies while labelling: nothing is lost, and every sample records the weights that made it."""
+    import ray
+
+    from cai_ray.pipelines.rl_cai import _iteration_prompts, _prompt_pool, make_pairs
+    from cai_ray.types import TrainSequence
+
+    roles = base_roles
+    cfg = quickstart(tmp_path, *ROLE_ARGS, "schedule.num_prompts_per_iteration=6")
+    prompts = _iteration_prompts(cfg, _prompt_pool(cfg), 0)
+    roles.push_weights(1)
+    for _ in range(3):  # the policy update of iteration 1: the learner now holds version 2, not yet pushed
+        roles.learner.sft_step([TrainSequence((500 + i, 600 + i, 700), (800 + i, 900)) for i in range(4)])
+    pending = roles.submit_generate(prompts, iteration=1)  # sampled by the engines' version 1 ...
+    ray.kill(roles.rollout[0], no_restart=False)  # ... but the worker dies with its batch in flight
+    samples = list(roles.collect(pending, learner_version=2).samples)
+    k = cfg.rollout.num_samples_per_prompt
+    assert sorted(s.prompt_id for s in samples) == sorted(p.id for p in prompts for _ in range(k))
+    # The restarted engine got the learner's weights first; its samples carry their version (the bug: 1).
+    assert {s.weight_version for s in samples} == {2}
+    assert ray.get(roles.rollout[0].weight_version.remote(), timeout=60) == 2
+    # ... and really came from them: the learner's fp32 log-probs of the samples agree (vLLM vs HF: ~1e-5).
+    ours = roles.learner.policy_logprobs([TrainSequence(s.prompt_token_ids, s.response_token_ids)
+                                          for s in samples])
+    assert max(abs(a - b) for s, lp in zip(samples, ours, strict=True)
+               for a, b in zip(s.response_logprobs, lp, strict=True)) < 1e-3
+    roles.push_weights(2)
+    requests, _ = make_pairs(samples, iteration=1)
+    worker = roles.feedback.workers[0]
+    ray.kill(worker, no_restart=False)
+    labels = roles.feedback.label_pairs(requests)
+    assert [lab.pair_id for lab in labels] == [r.pair_id for r in requests]
+    assert all(lab.error is None for lab in labels)
+    assert ray.get(worker.weight_version.remote(), timeout=60) == 2  # re-synced through on_restart
+
+
+def test_iterations_with_every_prompt_rejected_are_logged_empty_or_stop_the_run(
+        base_roles: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cai_ray.pipelines.rl_cai import EmptyIterationError, rl_cai
     from cai_ray.pipelines.run import run_dir_for
 
-    cfg, _ = uninterrupted
-    run_dir = run_dir_for(cfg)
-    rc = main(["eval", "--config", str(QUICKSTART), "--run-dir", str(run_dir), "--out", str(tmp_path),
-               "--set", f"models.policy.name={cfg.models.policy.name}", "--set", "data.red_team_eval.max_rows=4",
-               "--set", "data.helpful_eval.max_rows=4", "--set", "eval.max_new_tokens=8",
-               "--set", "eval.num_bootstrap_samples=100"])
-    assert rc == 0
-    report = json.loads((tmp_path / "eval.json").read_text())
-    assert list(report["checkpoints"]) == ["base", "rl"]
-    assert report["checkpoints"]["rl"]["model"].endswith("policy_hf")
-    for r in report["checkpoints"].values():
-        assert r["counts"]["responses"] == 8 and r["counts"]["judge_errors"] == 0
-        assert 0.0 <= r["harmlessness"]["harmful_rate"] <= 1.0 and 0.0 <= r["over_refusal"]["refusal_rate"] <= 1.0
-        assert r["pm_score"]["n"] == 4 and math.isfinite(r["pm_score"]["mean"])
-    [win] = report["win_rates"]
-    assert (win["a"], win["b"]) == ("base", "rl") and win["n"] == 8
-    assert report["metadata"]["preference_model"] == str(run_dir / "checkpoint" / "learner" / "preference_hf")
+    # Every prompt is longer than data.max_prompt_tokens=256 (and data.overlong_prompt=reject, the default):
+    # each is rejected by id, nothing is sampled.
+    prompts = tmp_path / "long_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"long-{i}", "prompt": f"Tell me story {i}. " * 120}) + "\n"
+                               for i in range(4)))
+    args = (*ROLE_ARGS, f"data.red_team.path={prompts}", "schedule.mode=async",
+            "schedule.num_prompts_per_iteration=2", "schedule.helpful_fraction=0")
+    _lend(base_roles, monkeypatch)
+    cfg = quickstart(tmp_path, *args)
+    history = rl_cai(cfg, run_dir_for(cfg))
+    assert [m["iteration/empty"] for m in history] == [1.0, 1.0]
+    for m in history:
+        assert m["iteration/empty_reason"].startswith("no samples: all 2 prompts were rejected (first: prompt 'long-")
+        assert "exceeds data.max_prompt_tokens=256" in m["iteration/empty_reason"]
+        assert m["weight_version"] == 0.0 and "sync/total_s" not in m and m["samples/count"] == 0.0
+    rows = read_metrics(run_dir_for(cfg) / "metrics.jsonl")
+    assert [r["iteration/empty_reason"] for r in rows] == [m["iteration/empty_reason"] for m in history]
+    # The same run continued with on_empty_iteration=error stops at its next iteration, naming why.
+    more = quickstart(tmp_path, *args, "schedule.num_iterations=3", "schedule.on_empty_iteration=error")
+    with pytest.raises(EmptyIterationError, match=r"iteration 2 has nothing to train on: no samples: all 2 prompts"):
+        rl_cai(more, run_dir_for(more), resume=True)

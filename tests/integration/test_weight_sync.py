@@ -2,7 +2,8 @@
 
 The check that matters: after learner steps and a sync, each engine's log-probs on a prompt longer than
 one KV block (so a stale prefix cache would show) match an HF model built from the learner's exported
-weights; without the sync the same check fails.
+weights; without the sync the same check fails. The first test checks a rollout actor's own verbs on the
+engines' initial weights (it shares this module's actors rather than start one more engine).
 """
 
 from __future__ import annotations
@@ -40,27 +41,37 @@ CONTINUATION = tuple(random.Random(1).randrange(40, 2000) for _ in range(6))
 
 @pytest.fixture(scope="module")
 def setup(ray_local: None, tiny_model_path: str):
+    from concurrent.futures import ThreadPoolExecutor
+
     from cai_ray.inference.feedback import start_feedback_pool
     from cai_ray.inference.rollout import start_rollout_workers
+    from cai_ray.pipelines.roles import shutdown_all
     from cai_ray.training.group import LearnerGroup
     from cai_ray.training.learner import LearnerRoles
 
     model = ModelConfig(name=tiny_model_path, dtype="float32", max_model_len=512)
     learner_cfg = LearnerConfig(num_ranks=2, zero_stage=3, lr=5e-3, micro_batch_size=4, collective_timeout_s=60,
                                 zero3_param_persistence_threshold=0)
-    group = LearnerGroup(learner_cfg, ModelsConfig(policy=model), CLUSTER, seed=0,
-                         roles=LearnerRoles(reference=False))
-    rollout = start_rollout_workers(model, RolloutConfig(num_workers=2, engine=ENGINE, max_restarts=2,
-                                                         resources=ResourcesConfig(num_cpus=1)),
-                                    DataConfig(max_prompt_tokens=256), CLUSTER)
-    pool = start_feedback_pool(model, FeedbackConfig(num_workers=1, engine=ENGINE), ConstitutionConfig(),
-                               DataConfig(max_prompt_tokens=256), CLUSTER)
+    # The three start-ups mostly wait on their actors (imports, engine and DeepSpeed init): overlap them.
+    with ThreadPoolExecutor(max_workers=3) as threads:
+        futures = [
+            threads.submit(LearnerGroup, learner_cfg, ModelsConfig(policy=model), CLUSTER, seed=0,
+                           roles=LearnerRoles(reference=False)),
+            threads.submit(start_rollout_workers, model, RolloutConfig(num_workers=2, engine=ENGINE, max_restarts=2,
+                                                                       resources=ResourcesConfig(num_cpus=1)),
+                           DataConfig(max_prompt_tokens=256), CLUSTER),
+            threads.submit(start_feedback_pool, model, FeedbackConfig(num_workers=1, engine=ENGINE),
+                           ConstitutionConfig(), DataConfig(max_prompt_tokens=256), CLUSTER),
+        ]
+    started = [f.result() for f in futures if f.exception() is None]
+    if len(started) < len(futures):
+        shutdown_all(started)
+        raise next(f.exception() for f in futures if f.exception() is not None)
+    group, rollout, pool = started
     targets = [(f"rollout worker {i}", w) for i, w in enumerate(rollout.workers)]
     targets.append(("feedback worker 0", pool.workers[0]))
     yield group, targets, model
-    pool.shutdown()
-    rollout.shutdown()
-    group.shutdown()
+    shutdown_all([pool, rollout, group])
 
 
 def _engine_logprob(actor) -> float:
@@ -89,6 +100,29 @@ def _train(group, steps: int = 2) -> None:
     batch = [TrainSequence(PROMPT[:20], tuple(rng.randrange(40, 2000) for _ in range(8))) for _ in range(4)]
     for _ in range(steps):
         group.sft_step(batch)
+
+
+def test_rollout_actor_tags_weight_version(setup) -> None:
+    """A RolloutWorker actor in its placement group: samples tagged with its version, weights loaded through Ray.
+
+    First in this module: it needs the engines' initial weights, and gives rollout worker 0 back the same ones.
+    """
+    import ray
+    from safetensors.torch import load_file
+
+    from cai_ray.types import Prompt
+
+    _, targets, model = setup
+    worker = targets[0][1]
+    prompts = [Prompt("p0", "How do I cook rice?"), Prompt("p1", "How do I pick a lock?"), Prompt("p2", "Hi!")]
+    first = ray.get(worker.generate.remote(prompts, seed=1), timeout=120)
+    assert len(first.samples) == 6 and {s.weight_version for s in first.samples} == {0}
+    weights = load_file(f"{model.name}/model.safetensors")
+    ray.get(worker.load_weights.remote(list(weights.items()), 4), timeout=120)
+    assert ray.get(worker.weight_version.remote(), timeout=60) == 4
+    after = ray.get(worker.generate.remote(prompts, seed=1), timeout=120)
+    assert {s.weight_version for s in after.samples} == {4}
+    assert [s.response_token_ids for s in after.samples] == [s.response_token_ids for s in first.samples]
 
 
 def test_gloo_sync_makes_every_engine_match_the_learner_three_times(setup) -> None:
