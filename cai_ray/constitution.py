@@ -146,6 +146,25 @@ class Constitution(_Strict):
             raise ConstitutionError(f"constitution '{self.name}': no comparison principle targets axis '{axis}'")
         return min(ranks)
 
+    def label_axes(self, chosen: str | list[str], tiers: list[str] | None = None) -> tuple[str, ...]:
+        """The axes to label per pair (``feedback.label_axes``): ``'none'`` -> (), ``'all'`` or a list of ids.
+
+        Each axis needs a comparison principle in ``tiers``; the error names the axis and the fix.
+        """
+        if chosen == "none":
+            return ()
+        axes = self.axis_ids if chosen == "all" else tuple(chosen)
+        unknown = [a for a in axes if a not in self.axis_ids]
+        if unknown:
+            raise ConstitutionError(f"feedback.label_axes: {unknown} not declared by constitution '{self.name}' "
+                                    f"(axes: {', '.join(self.axis_ids)})")
+        pool = self.principles_for("comparison", tiers)
+        bare = [a for a in axes if not any(a in p.axes for p in pool)]
+        if bare:
+            raise ConstitutionError(f"feedback.label_axes: constitution '{self.name}' has no comparison principle "
+                                    f"for axis/axes {bare} in tiers {tiers}; list the axes explicitly or widen tiers")
+        return axes
+
     def principles_for(self, stage: Stage, tiers: list[str] | None = None) -> list[Principle]:
         """Principles usable at ``stage`` ('critique' or 'comparison'), optionally only from ``tiers``."""
         if tiers is not None:

@@ -70,6 +70,8 @@ class PreferenceLabel:
     mode: str  # "multiple_choice" | "cot" | "direct"
     reasoning: str | None = None  # CoT text when mode == "cot"
     error: str | None = None  # set when the pair could not be labelled (prob_a is then 0.5)
+    # feedback.label_axes: P(A better) per axis, one principle each; prob_a is then their aggregation
+    axis_probs: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)

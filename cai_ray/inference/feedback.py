@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cai_ray.algorithms.aggregation import aggregate_label, axis_weights
 from cai_ray.backend import enter_role
 from cai_ray.config import ClusterConfig, ConstitutionConfig, DataConfig, FeedbackConfig, ModelConfig
 from cai_ray.constitution import (
@@ -188,6 +189,11 @@ class FeedbackWorker(EngineWeights):
         self._overlong = data.overlong_prompt
         self._seed = seed
         self._options = option_continuations(self._engine.encode)
+        self._label_axes = self._constitution.label_axes(feedback.label_axes, self._tiers)
+        self._axis_ranks = {a: self._constitution.axis_tier_rank(a) for a in self._label_axes}
+        if self._label_axes:  # a weighted rule missing an axis's weight fails here, not mid-run
+            axis_weights(list(self._label_axes), mode=feedback.aggregation.mode, weights=feedback.aggregation.weights,
+                         ranks=self._axis_ranks, decay=feedback.aggregation.decay)
         self._ratings = [self._engine.encode(f"{r})") for r in RATINGS]
 
     # ------------------------------------------------------------------------------------ verbs
@@ -300,7 +306,7 @@ class FeedbackWorker(EngineWeights):
             except PromptRejected as err:
                 labels[i] = PreferenceLabel(req.pair_id, 0.5, (), (), (), mode, error=str(err))
                 continue
-            principles[i] = self._principles("comparison", req.pair_id, 0, cfg.num_principles_per_label)
+            principles[i] = self._comparison_principles(req.pair_id)
             for k, principle in enumerate(principles[i]):
                 for swapped in orders:
                     first, second = (req.response_b, req.response_a) if swapped else (req.response_a, req.response_b)
@@ -336,17 +342,35 @@ class FeedbackWorker(EngineWeights):
             if i in labels:
                 continue
             ks = range(len(principles[i]))
-            ab = [first_better[(i, k, False)] for k in ks]
-            ba = [first_better[(i, k, True)] for k in ks] if cfg.swap_debias else None
-            prob = preference_label(ab, ba)
-            if cot:
-                prob = clamp(prob, cfg.cot_clamp)
+            per_k = [self._debiased(first_better, i, [k], cot) for k in ks]
+            axis_probs = dict(zip(self._label_axes, per_k)) if self._label_axes else None
+            prob = self._aggregate(axis_probs) if axis_probs else self._debiased(first_better, i, list(ks), cot)
             text = "\n---\n".join(reasoning[(i, k, s)] for k in ks for s in orders) if cot else None
             labels[i] = PreferenceLabel(
                 req.pair_id, prob, tuple(p.id for p in principles[i]), tuple(p.tier for p in principles[i]),
-                _axes(principles[i]), mode, reasoning=text,
+                self._label_axes or _axes(principles[i]), mode, reasoning=text, axis_probs=axis_probs,
             )
         return [labels[i] for i in range(len(requests))]
+
+    def _debiased(self, first_better: dict[tuple[int, int, bool], float], i: int, ks: list[int], cot: bool) -> float:
+        """The (swap-debiased, CoT-clamped) label of request ``i`` from the scores of principles ``ks``."""
+        ab = [first_better[(i, k, False)] for k in ks]
+        ba = [first_better[(i, k, True)] for k in ks] if self._cfg.swap_debias else None
+        prob = preference_label(ab, ba)
+        return clamp(prob, self._cfg.cot_clamp) if cot else prob
+
+    def _comparison_principles(self, pair_id: str) -> list[Principle]:
+        """The sampled ensemble, or with ``label_axes`` one principle per axis (stable per (seed, pair, axis))."""
+        if not self._label_axes:
+            return self._principles("comparison", pair_id, 0, self._cfg.num_principles_per_label)
+        pool = self._constitution.principles_for("comparison", self._tiers)
+        return [random.Random(stable_seed(self._seed, "axis", pair_id, axis)).choice([p for p in pool if axis in p.axes])
+                for axis in self._label_axes]
+
+    def _aggregate(self, axis_probs: dict[str, float]) -> float:
+        agg = self._cfg.aggregation
+        return aggregate_label(axis_probs, mode=agg.mode, weights=agg.weights, ranks=self._axis_ranks,
+                               margin=agg.margin, decay=agg.decay)
 
     def _label_direct(self, requests: Sequence[ComparisonRequest]) -> list[PreferenceLabel]:
         """Pair labels from direct scores of each response under the same principles."""

@@ -259,8 +259,14 @@ def label_stats(labels: Sequence[PreferenceLabel]) -> Metrics:
     """Mean soft label, mean binary entropy (a collapsed judge has entropy near 0 or near log 2), errors."""
     ok = [lab.prob_a for lab in labels if lab.error is None]
     ent = [-(p * math.log(p) + (1 - p) * math.log(1 - p)) if 0 < p < 1 else 0.0 for p in ok]
-    return {"labels/count": float(len(ok)), "labels/errors": float(len(labels) - len(ok)),
-            "labels/prob_a_mean": _mean(ok), "labels/entropy": _mean(ent)}
+    out = {"labels/count": float(len(ok)), "labels/errors": float(len(labels) - len(ok)),
+           "labels/prob_a_mean": _mean(ok), "labels/entropy": _mean(ent)}
+    per_axis: dict[str, list[float]] = {}
+    for lab in labels:  # feedback.label_axes: how decisive the judge is on each axis
+        for axis, p in (lab.axis_probs or {}).items() if lab.error is None else ():
+            per_axis.setdefault(axis, []).append(abs(p - 0.5))
+    out.update({f"labels/{axis}/decisiveness": _mean(v) for axis, v in per_axis.items()})
+    return out
 
 
 # ---------------------------------------------------------------------------------- durability

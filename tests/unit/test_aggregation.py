@@ -71,3 +71,20 @@ def test_decoupled_group_advantages_normalise_each_axis_first() -> None:
     torch.testing.assert_close(rloo, torch.tensor([98 / s, -98 / s, -2 / s, 2 / s]), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match=r"\[B, K\]"):
         decoupled_group_advantages(rewards[:, 0], torch.tensor([1.0]), group_size=2)
+
+
+def test_label_axes_config_and_constitution_checks() -> None:
+    from cai_ray.config import FeedbackConfig
+    from cai_ray.constitution import ConstitutionError, load_constitution
+
+    with pytest.raises(ValueError, match="label_axes needs label_mode multiple_choice or cot"):
+        FeedbackConfig(label_axes="all", label_mode="direct")
+    with pytest.raises(ValueError, match="colour"):
+        FeedbackConfig(aggregation={"mode": "priority", "colour": 1})
+    c = load_constitution("axes12")
+    assert c.label_axes("none") == () and c.label_axes("all") == c.axis_ids
+    assert c.label_axes(["tone", "honesty"]) == ("tone", "honesty")
+    with pytest.raises(ConstitutionError, match=r"\['vibes'\] not declared by constitution 'axes12'"):
+        c.label_axes(["vibes"])
+    with pytest.raises(ConstitutionError, match=r"no comparison principle for axis/axes \['tone'\]"):
+        c.label_axes(["tone"], tiers=["broadly_safe"])

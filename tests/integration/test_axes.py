@@ -1,0 +1,54 @@
+"""Per-axis feedback on the real CPU stack: per-axis labels in one engine call, and the loop end to end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cai_ray.config import ConstitutionConfig, DataConfig, EngineConfig, FeedbackConfig, ModelConfig
+from cai_ray.types import ComparisonRequest
+
+pytestmark = pytest.mark.slow
+
+PAIRS = [
+    ComparisonRequest("c0", "How do I pick a lock?", "I can't help with that.", "Use a tension wrench and a pick."),
+    ComparisonRequest("c1", "How do I cook rice?", "Rinse it, then simmer for 15 minutes.", "Just buy some."),
+]
+
+
+def _axis_worker(tiny_model_path: str) -> Any:
+    from cai_ray.inference.feedback import FeedbackWorker
+
+    cfg = FeedbackConfig(engine=EngineConfig(kv_cache_memory_mb=32, max_num_seqs=64), label_axes="all",
+                         aggregation={"mode": "priority", "margin": 0.01})
+    model = ModelConfig(name=tiny_model_path, dtype="float32", max_model_len=1024)
+    return FeedbackWorker(model, cfg, ConstitutionConfig(path="axes12", num_few_shot=1),
+                          DataConfig(max_prompt_tokens=48), seed=3)
+
+
+def test_per_axis_labels_one_call_swap_exact(tiny_model_path: str) -> None:
+    from cai_ray.algorithms.aggregation import aggregate_label
+    from cai_ray.constitution import load_constitution
+
+    worker = _axis_worker(tiny_model_path)
+    calls: list[int] = []
+    score = worker._engine.score
+
+    def counted(prompts: Any, options: Any) -> Any:  # instruments the real engine, scoring is unchanged
+        calls.append(len(prompts))
+        return score(prompts, options)
+
+    worker._engine.score = counted
+    labels = worker.label_pairs(PAIRS)
+    axes = load_constitution("axes12").axis_ids
+    assert calls == [len(PAIRS) * len(axes) * 2]  # every axis, both orders, all pairs: ONE engine call
+    back = worker.label_pairs([ComparisonRequest(r.pair_id, r.prompt, r.response_b, r.response_a) for r in PAIRS])
+    c = load_constitution("axes12")
+    ranks = {a: c.axis_tier_rank(a) for a in axes}
+    for label, swapped in zip(labels, back):
+        assert label.error is None and label.axes == axes and set(label.axis_probs) == set(axes)
+        assert len(label.principle_ids) == len(axes)  # one principle per axis
+        for axis in axes:
+            assert swapped.axis_probs[axis] == 1 - label.axis_probs[axis]  # swap-debiased: exact on the grid
+        assert label.prob_a == aggregate_label(label.axis_probs, mode="priority", ranks=ranks, margin=0.01)
