@@ -103,6 +103,7 @@ class TrainPair:
     response_a_token_ids: tuple[int, ...]  # [Ra]
     response_b_token_ids: tuple[int, ...]  # [Rb]
     prob_a: float  # soft label in [0, 1]
+    axis_probs: tuple[float, ...] | None = None  # [K] per-axis soft labels, in the multi-head PM's axis order
 
 
 @dataclass(frozen=True)

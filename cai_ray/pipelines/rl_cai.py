@@ -171,7 +171,8 @@ def make_pairs(samples: Sequence[Sample], *, iteration: int) -> tuple[list[Compa
 def pair_for_training(pair: tuple[Sample, Sample], label: PreferenceLabel) -> TrainPair:
     """A labelled pair as the learner's input."""
     a, b = pair
-    return TrainPair(a.prompt_token_ids, a.response_token_ids, b.response_token_ids, label.prob_a)
+    axis_probs = tuple(label.axis_probs.values()) if label.axis_probs else None  # in feedback.label_axes order
+    return TrainPair(a.prompt_token_ids, a.response_token_ids, b.response_token_ids, label.prob_a, axis_probs)
 
 
 def preference_accuracy(scores: Sequence[float], pairs: Sequence[TrainPair]) -> dict[str, float]:
@@ -185,11 +186,25 @@ def preference_accuracy(scores: Sequence[float], pairs: Sequence[TrainPair]) -> 
     return {k.replace("loss/pm", "pm/loss").replace("pm/", "pm_fresh/", 1): v for k, v in metrics.items()}
 
 
+def axis_preference_accuracy(scores: Sequence[Sequence[float]], pairs: Sequence[TrainPair],
+                             axes: Sequence[str]) -> Metrics:
+    """``pm_fresh/<axis>/accuracy`` (and loss, ...) of each PM head on its axis's labels, from [a0, b0, ...] rows."""
+    heads = torch.tensor(scores, dtype=torch.float32).view(len(pairs), 2, len(axes))
+    targets = torch.tensor([list(p.axis_probs or ()) for p in pairs], dtype=torch.float32)
+    out: Metrics = {}
+    for j, axis in enumerate(axes):
+        _, m = preference_loss(reward_a=heads[:, 0, j], reward_b=heads[:, 1, j], prob_a=targets[:, j])
+        out |= {f"pm_fresh/{axis}/{'loss' if k == 'loss/pm' else k.removeprefix('pm/')}": v for k, v in m.items()}
+    return out
+
+
 def update_preference_model(learner: LearnerGroup, fresh: Sequence[TrainPair], replay: Sequence[Sequence[TrainPair]],
                             *, epochs: int) -> Metrics:
     """The PM's accuracy on the fresh labels before its update, then ``epochs`` steps on the replay window."""
     pairs = [p for window in replay for p in window]
     metrics: Metrics = preference_accuracy(learner.pm_scores(_flatten(fresh)), fresh) if fresh else {}
+    if fresh and learner.roles.pm_axes:
+        metrics |= axis_preference_accuracy(learner.pm_axis_scores(_flatten(fresh)), fresh, learner.roles.pm_axes)
     for _ in range(epochs if pairs else 0):
         metrics |= learner.pm_step(pairs)
     return metrics

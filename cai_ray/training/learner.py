@@ -52,7 +52,9 @@ from cai_ray.training.modeling import (
     SequenceBatch,
     collate_pairs,
     collate_sequences,
+    last_token_heads,
     last_token_scores,
+    pair_axis_probs,
     micro_batches,
     response_rows,
     response_values,
@@ -74,6 +76,8 @@ class LearnerRoles:
     reference: bool = True  # frozen copy for KL / DPO
     preference_model: bool = False  # scalar-head PM, trained with pm_step
     critic: bool = False  # PPO value model
+    pm_axes: tuple[str, ...] = ()  # feedback.label_axes: one PM head per axis (empty: one head)
+    pm_mix: tuple[float, ...] = ()  # the aggregation rule's axis weights that mix the heads into the reward
 
     @classmethod
     def for_algorithm(cls, algorithm: str) -> LearnerRoles:
@@ -117,8 +121,7 @@ class LearnerWorker:
         if self.roles.reference:
             self.reference = self._wrap(self._causal_lm("reference", self.models.resolved_reference()), lr=None)
         if self.roles.preference_model:
-            self.preference = self._wrap(self._scalar("preference", self.models.resolved_preference()),
-                                         lr=self.cfg.pm_lr)
+            self.preference = self._wrap(self._preference_model(), lr=self.cfg.pm_lr)
         if self.roles.critic:
             self.critic = self._wrap(self._scalar("critic", self.models.resolved_preference()), lr=self.cfg.critic_lr)
         torch.manual_seed(self.seed + 1000 * (self.rank + 1))
@@ -144,6 +147,20 @@ class LearnerWorker:
         path = self._resolve(role, model)
         load = ScalarHeadModel.from_pretrained if ScalarHeadModel.is_saved_at(path) else ScalarHeadModel.from_backbone
         return load(path, dtype=self._dtype(model), trust_remote_code=model.trust_remote_code)
+
+    def _preference_model(self) -> ScalarHeadModel:
+        """The PM: one head, or one per ``roles.pm_axes``; a saved PM must have those same axes."""
+        model = self.models.resolved_preference()
+        path = self._resolve("preference", model)
+        kw = {"dtype": self._dtype(model), "trust_remote_code": model.trust_remote_code}
+        if not ScalarHeadModel.is_saved_at(path):
+            return ScalarHeadModel.from_backbone(path, axes=self.roles.pm_axes, mix=self.roles.pm_mix, **kw)
+        pm = ScalarHeadModel.from_pretrained(path, **kw)
+        if pm.axes != self.roles.pm_axes:
+            raise ValueError(f"preference model {path} has heads for axes {list(pm.axes)} but this run labels "
+                             f"{list(self.roles.pm_axes)}; set feedback.label_axes to match, or start a fresh PM")
+        pm.mix.copy_(torch.tensor(self.roles.pm_mix or [1.0]))  # this run's aggregation rule mixes the heads
+        return pm
 
     def _wrap(self, module: torch.nn.Module, *, lr: float | None) -> Any:
         config = ds.ds_config(self.cfg, world_size=self.world_size, dtype=next(module.parameters()).dtype,
@@ -220,9 +237,11 @@ class LearnerWorker:
             batch, prob_a = collate_pairs(pairs[start:stop], pad_id=self.pad_id,
                                           num_valid=max(0, min(n - start, stop - start)))
             batch = batch.to(self.device)
-            scores = self._scores(self.preference, batch)
             k = stop - start
             valid = batch.valid[:k]
+            if self.roles.pm_axes:
+                return self._axis_pm_loss(pairs[start:stop], batch, valid)
+            scores = self._scores(self.preference, batch)
             if not valid.any():
                 return scores.sum() * 0.0, {}, 0
             loss, metrics = preference_loss(reward_a=scores[:k][valid], reward_b=scores[k:][valid],
@@ -230,6 +249,37 @@ class LearnerWorker:
             return loss, metrics, int(valid.sum())
 
         return self._train(self.preference, num_items=len(pairs), num_valid=n, loss_fn=loss_fn)
+
+    def _axis_pm_loss(self, pairs: Sequence[TrainPair], batch: SequenceBatch,
+                      valid: Tensor) -> tuple[Tensor, Metrics, int]:
+        """Multi-head PM: each head's Bradley-Terry loss on its axis's soft labels, averaged over the axes."""
+        k, axes = len(pairs), self.roles.pm_axes
+        heads = last_token_heads(self.preference.module.forward_heads(batch.input_ids, batch.attention_mask),
+                                 batch.attention_mask)  # [2k, K]
+        if not valid.any():  # filler still runs backward (a collective under ZeRO-3)
+            return heads.sum() * 0.0, {}, 0
+        targets = pair_axis_probs(pairs, len(axes)).to(self.device)[valid]
+        losses, metrics = [], {}
+        for j, axis in enumerate(axes):
+            loss, m = preference_loss(reward_a=heads[:k, j][valid], reward_b=heads[k:, j][valid],
+                                      prob_a=targets[:, j])
+            losses.append(loss)
+            metrics |= {f"pm/{axis}/{name.removeprefix('pm/')}": v for name, v in m.items() if name != "loss/pm"}
+            metrics[f"loss/pm/{axis}"] = m["loss/pm"]
+        loss = torch.stack(losses).mean()
+        return loss, metrics | {"loss/pm": float(loss.detach())}, int(valid.sum())
+
+    @torch.no_grad()
+    def pm_axis_scores(self, seqs: Sequence[TrainSequence], num_valid: int | None = None) -> list[list[float]]:
+        """Per-axis head scores [K] of each (valid) sequence (multi-head PM)."""
+        n = len(seqs) if num_valid is None else num_valid
+        batch = collate_sequences(seqs, pad_id=self.pad_id, num_valid=n)
+        out: list[list[float]] = []
+        for start, stop in micro_batches(batch.num_rows, self.cfg.micro_batch_size):
+            mb = batch.rows(start, stop).to(self.device)
+            heads = self.preference.module.forward_heads(mb.input_ids, mb.attention_mask)
+            out += last_token_heads(heads, mb.attention_mask).float().cpu().tolist()
+        return out[:n]
 
     @torch.no_grad()
     def pm_scores(self, seqs: Sequence[TrainSequence], num_valid: int | None = None) -> list[float]:

@@ -52,3 +52,41 @@ def test_per_axis_labels_one_call_swap_exact(tiny_model_path: str) -> None:
         for axis in axes:
             assert swapped.axis_probs[axis] == 1 - label.axis_probs[axis]  # swap-debiased: exact on the grid
         assert label.prob_a == aggregate_label(label.axis_probs, mode="priority", ranks=ranks, margin=0.01)
+
+
+def test_loop_with_per_axis_labels_and_priority(ray_local: None, tmp_path) -> None:
+    """Two RL iterations (SL skipped: the suite runs SL elsewhere) on the 12-axis constitution, all axes."""
+    import json
+    from pathlib import Path
+
+    from cai_ray.config import load_config
+    from cai_ray.constitution import load_constitution
+    from cai_ray.pipelines.run import run_experiment
+
+    quickstart = Path(__file__).parents[2] / "configs" / "quickstart-cpu.yaml"
+    cfg = load_config(quickstart, [f"logging.output_dir={tmp_path}/{{name}}", "logging.wandb_mode=disabled",
+                                   "cluster.num_cpus=8", "constitution.path=axes12", "feedback.label_axes=all",
+                                   "feedback.aggregation.mode=priority", "feedback.aggregation.margin=0.01",
+                                   "schedule.num_prompts_per_iteration=4", "rollout.max_new_tokens=8"])
+    run_dir = run_experiment(cfg, sl=False, rl=True)
+    axes = load_constitution("axes12").axis_ids
+    for it in range(2):
+        rows = [json.loads(x) for x in (run_dir / "labels" / f"iter_{it:04d}.jsonl").read_text().splitlines()]
+        ok = [r for r in rows if r["error"] is None]
+        assert ok and all(set(r["axis_probs"]) == set(axes) for r in ok)
+        assert all(0.0 <= p <= 1.0 for r in ok for p in r["axis_probs"].values())
+    history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [int(m["iteration"]) for m in history] == [0, 1]
+    for m in history:
+        for axis in axes:
+            assert 0.0 <= m[f"pm_fresh/{axis}/accuracy"] <= 1.0
+            assert m[f"labels/{axis}/decisiveness"] >= 0.0
+        assert m["loss/pm"] > 0.0
+    import torch
+
+    from cai_ray.training.modeling import ScalarHeadModel
+
+    heads = sorted(run_dir.rglob("preference_hf/scalar_head.safetensors"))
+    assert heads, f"no exported preference model under {run_dir}"
+    # the HF export of the PM keeps its heads (one per axis) and their mix
+    assert ScalarHeadModel.from_pretrained(str(heads[-1].parent), dtype=torch.float32).axes == axes
