@@ -51,6 +51,21 @@ def _constitution_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _axes(args: argparse.Namespace) -> int:
+    from cai_ray.axes_report import AxesReportError, format_trade_offs, write_axes_report
+
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else run_dir / "axes"
+    try:
+        report = write_axes_report(run_dir, out, window=args.window, num_samples=args.bootstrap, seed=args.seed)
+    except AxesReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_trade_offs(report))
+    print(f"wrote {out / 'axes.json'} and {len(report['plots'])} heatmap(s)")
+    return 0
+
+
 def _models_prepare(args: argparse.Namespace) -> int:
     from cai_ray.models import resolve_model
 
@@ -171,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--reps", type=int, default=None, help="repetitions for every part (default: each part's own)")
     bench.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
     bench.set_defaults(func=_bench)
+
+    axes = sub.add_parser("axes", help="correlations of a run's per-axis labels: trade-offs, JSON + heatmaps")
+    axes.add_argument("--run-dir", required=True, help="an RL run folder labelled with feedback.label_axes")
+    axes.add_argument("--window", type=int, default=1, help="iterations per window (default 1)")
+    axes.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples per correlation")
+    axes.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    axes.add_argument("--out", help="output folder (default: RUN/axes)")
+    axes.set_defaults(func=_axes)
 
     demo = sub.add_parser("demo", help="run the embedded default end to end")
     with_config(demo, required=False)

@@ -90,3 +90,12 @@ def test_loop_with_per_axis_labels_and_priority(ray_local: None, tmp_path) -> No
     assert heads, f"no exported preference model under {run_dir}"
     # the HF export of the PM keeps its heads (one per axis) and their mix
     assert ScalarHeadModel.from_pretrained(str(heads[-1].parent), dtype=torch.float32).axes == axes
+    # the axis-correlation report on the real labels
+    from cai_ray.cli import main
+
+    assert main(["axes", "--run-dir", str(run_dir), "--bootstrap", "50"]) == 0
+    report = json.loads((run_dir / "axes" / "axes.json").read_text())
+    assert report["overall"]["axes"] == list(axes) and len(report["windows"]) == 2
+    assert report["overall"]["num_pairs"] == sum(w["num_pairs"] for w in report["windows"]) > 0
+    assert len(report["overall"]["matrix"]) == len(axes)
+    assert all(Path(p).is_file() for p in report["plots"])
