@@ -177,6 +177,9 @@ class FeedbackConfig(_Strict):
     aggregation: AggregationConfig = Field(
         default_factory=AggregationConfig, description="Per-axis labels -> one training label (with label_axes)."
     )
+    judge_check: bool = Field(
+        True, description="At RL start, measure the judge on the shipped calibration set (judge_check.json)."
+    )
     cot_max_new_tokens: int = Field(64, gt=0, description="Longest chain-of-thought.")
     cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="CoT label probabilities are clamped to this band.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature for critiques, revisions and CoT.")

@@ -56,6 +56,7 @@ class ComparisonRequest:
     prompt: str
     response_a: str
     response_b: str
+    axis: str | None = None  # judge on this one axis only (one of its principles; judge-check)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class PreferenceLabel:
     error: str | None = None  # set when the pair could not be labelled (prob_a is then 0.5)
     # feedback.label_axes: P(A better) per axis, one principle each; prob_a is then their aggregation
     axis_probs: dict[str, float] | None = None
+    # with swap_debias: mean P(first-listed option) - 0.5 over both orders (0 for a judge without position bias)
+    position_bias: float | None = None
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from cai_ray.config import ClusterConfig, ConstitutionConfig, DataConfig, Feedba
 from cai_ray.constitution import (
     ANSWER_PREFIX,
     Constitution,
+    ConstitutionError,
     Principle,
     comparison_prompt,
     cot_comparison_prompt,
@@ -306,7 +307,11 @@ class FeedbackWorker(EngineWeights):
             except PromptRejected as err:
                 labels[i] = PreferenceLabel(req.pair_id, 0.5, (), (), (), mode, error=str(err))
                 continue
-            principles[i] = self._comparison_principles(req.pair_id)
+            try:
+                principles[i] = self._comparison_principles(req)
+            except ConstitutionError as err:
+                labels[i] = PreferenceLabel(req.pair_id, 0.5, (), (), (), mode, error=str(err))
+                continue
             for k, principle in enumerate(principles[i]):
                 for swapped in orders:
                     first, second = (req.response_b, req.response_a) if swapped else (req.response_a, req.response_b)
@@ -343,12 +348,16 @@ class FeedbackWorker(EngineWeights):
                 continue
             ks = range(len(principles[i]))
             per_k = [self._debiased(first_better, i, [k], cot) for k in ks]
-            axis_probs = dict(zip(self._label_axes, per_k)) if self._label_axes else None
-            prob = self._aggregate(axis_probs) if axis_probs else self._debiased(first_better, i, list(ks), cot)
+            axes = (req.axis,) if req.axis else self._label_axes
+            axis_probs = dict(zip(axes, per_k)) if axes else None
+            prob = self._aggregate(axis_probs) if axis_probs and not req.axis else (
+                self._debiased(first_better, i, list(ks), cot))
+            bias = mean([(first_better[(i, k, False)] + first_better[(i, k, True)]) / 2 - 0.5
+                         for k in ks]) if cfg.swap_debias else None
             text = "\n---\n".join(reasoning[(i, k, s)] for k in ks for s in orders) if cot else None
             labels[i] = PreferenceLabel(
                 req.pair_id, prob, tuple(p.id for p in principles[i]), tuple(p.tier for p in principles[i]),
-                self._label_axes or _axes(principles[i]), mode, reasoning=text, axis_probs=axis_probs,
+                axes or _axes(principles[i]), mode, reasoning=text, axis_probs=axis_probs, position_bias=bias,
             )
         return [labels[i] for i in range(len(requests))]
 
@@ -359,13 +368,21 @@ class FeedbackWorker(EngineWeights):
         prob = preference_label(ab, ba)
         return clamp(prob, self._cfg.cot_clamp) if cot else prob
 
-    def _comparison_principles(self, pair_id: str) -> list[Principle]:
-        """The sampled ensemble, or with ``label_axes`` one principle per axis (stable per (seed, pair, axis))."""
-        if not self._label_axes:
-            return self._principles("comparison", pair_id, 0, self._cfg.num_principles_per_label)
+    def _comparison_principles(self, req: ComparisonRequest) -> list[Principle]:
+        """The sampled ensemble; with ``label_axes`` (or ``req.axis``) one principle per axis, stable per
+        (seed, pair, axis)."""
+        if not self._label_axes and not req.axis:
+            return self._principles("comparison", req.pair_id, 0, self._cfg.num_principles_per_label)
+        axes = (req.axis,) if req.axis else self._label_axes
         pool = self._constitution.principles_for("comparison", self._tiers)
-        return [random.Random(stable_seed(self._seed, "axis", pair_id, axis)).choice([p for p in pool if axis in p.axes])
-                for axis in self._label_axes]
+        out = []
+        for axis in axes:
+            of_axis = [p for p in pool if axis in p.axes]
+            if not of_axis:
+                raise ConstitutionError(f"pair '{req.pair_id}': constitution '{self._constitution.name}' has no "
+                                        f"comparison principle for axis '{axis}' in tiers {self._tiers}")
+            out.append(random.Random(stable_seed(self._seed, "axis", req.pair_id, axis)).choice(of_axis))
+        return out
 
     def _aggregate(self, axis_probs: dict[str, float]) -> float:
         agg = self._cfg.aggregation

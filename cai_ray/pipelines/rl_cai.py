@@ -26,6 +26,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -146,10 +147,24 @@ def running(cfg: ExperimentConfig, run_dir: Path, state: LoopState, *,
         if resume:
             roles.learner.load_checkpoint(str(checkpoint_dir(run_dir) / "learner"))
             roles.push_weights(state.version)
+        elif cfg.feedback.judge_check:
+            check_judge(roles, cfg, run_dir)
         bar = tqdm(total=cfg.schedule.num_iterations, initial=state.iteration, desc="RL-CAI", unit="iter",
                    disable=not cfg.logging.progress)
         cleanup.callback(bar.close)
         yield roles, writer, bar
+
+
+def check_judge(roles: Roles, cfg: ExperimentConfig, run_dir: Path) -> None:
+    """The judge reliability check on the calibration set, once at the start: ``judge_check.json``, a warning."""
+    from cai_ray.constitution import load_constitution
+    from cai_ray.judge_check import judge_check, trained_axes, warn_if_at_chance
+
+    constitution = load_constitution(cfg.constitution.path)
+    report = judge_check(roles.feedback.label_pairs, constitution, tiers=cfg.constitution.tiers,
+                         trained_axes=trained_axes(constitution, cfg.feedback.label_axes, cfg.constitution.tiers))
+    (run_dir / "judge_check.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    warn_if_at_chance(report)
 
 
 # ------------------------------------------------------------------------------------ phases
