@@ -1,7 +1,7 @@
 """Judge reliability check: is the feedback model better than chance on the axes it labels?
 
-A shipped calibration set (``cai_ray/data/judge_calibration.jsonl``) holds pairs where one response is
-unambiguously better on one named axis. Each pair is labelled on its axis (one principle of that axis)
+A shipped calibration set (``cai_ray/calibration/judge_calibration.jsonl``) holds pairs where one
+response is unambiguously better on one named axis. Each pair is labelled on its axis (one principle of that axis)
 with the better response as (A); the worker scores both orders (swap-debiasing), so the label is
 order-free and its ``position_bias`` measures how much the judge prefers whichever option is listed first.
 Per axis: accuracy (label > 0.5; a 0.5 tie counts half) with a 95% Wilson interval (sound at the ~5
@@ -25,7 +25,7 @@ from cai_ray.constitution import Constitution
 from cai_ray.types import ComparisonRequest, PreferenceLabel
 
 log = logging.getLogger(__name__)
-CALIBRATION_FILE = Path(__file__).parent / "data" / "judge_calibration.jsonl"
+CALIBRATION_FILE = Path(__file__).parent / "calibration" / "judge_calibration.jsonl"  # not a prompt set
 _FIELDS = ("id", "axis", "prompt", "better", "worse")
 MIN_DECISIVENESS = 0.01
 Z95 = 1.959963984540054
@@ -97,7 +97,8 @@ def _axis_summary(labels: Sequence[PreferenceLabel]) -> dict[str, Any]:
 
 
 def judge_check(label: Callable[[list[ComparisonRequest]], list[PreferenceLabel]], constitution: Constitution, *,
-                tiers: list[str] | None, trained_axes: Sequence[str], pairs: Sequence[CalibrationPair] | None = None) -> dict[str, Any]:
+                tiers: list[str] | None, trained_axes: Sequence[str],
+                pairs: Sequence[CalibrationPair] | None = None) -> dict[str, Any]:
     """Label the calibration pairs with ``label`` (a worker's or pool's ``label_pairs``) and summarise."""
     chosen = checkable(pairs if pairs is not None else load_calibration(), constitution, tiers)
     if not chosen:

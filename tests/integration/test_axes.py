@@ -90,6 +90,10 @@ def test_loop_with_per_axis_labels_and_priority(ray_local: None, tmp_path) -> No
     assert heads, f"no exported preference model under {run_dir}"
     # the HF export of the PM keeps its heads (one per axis) and their mix
     assert ScalarHeadModel.from_pretrained(str(heads[-1].parent), dtype=torch.float32).axes == axes
+    # the judge check ran once at the start, on the trained axes (the tiny random model is at chance on them)
+    check = json.loads((run_dir / "judge_check.json").read_text())
+    assert check["num_pairs"] >= 60 and set(check["axes"]) == set(axes)
+    assert set(check["at_chance_trained_axes"]) <= set(axes) and check["overall"]["position_bias"] is not None
     # the axis-correlation report on the real labels
     from cai_ray.cli import main
 

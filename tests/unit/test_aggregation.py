@@ -66,7 +66,8 @@ def test_decoupled_group_advantages_normalise_each_axis_first() -> None:
     torch.testing.assert_close(adv, torch.tensor([0.0, 0.0, -2**0.5, 2**0.5]), atol=1e-4, rtol=0)
     # summing raw rewards first would let axis 1's scale decide the first group; decoupling makes it a tie
     rloo = decoupled_group_advantages(rewards, torch.tensor([1.0, 1.0]), group_size=2, estimator="rloo")
-    # rloo per axis: axis 0 [-2, 2, 0, 0]; axis 1 [100, -100, -2, 2]; sum [98, -98, -2, 2]; std sqrt((2 * 98**2 + 2 * 2**2) / 4)
+    # rloo per axis: axis 0 [-2, 2, 0, 0]; axis 1 [100, -100, -2, 2]; sum [98, -98, -2, 2];
+    # std sqrt((2 * 98**2 + 2 * 2**2) / 4)
     s = 4804 ** 0.5
     torch.testing.assert_close(rloo, torch.tensor([98 / s, -98 / s, -2 / s, 2 / s]), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match=r"\[B, K\]"):

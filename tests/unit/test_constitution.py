@@ -48,7 +48,8 @@ def test_priority_has_four_ordered_tiers_with_principles() -> None:
 def test_axes_are_the_constitutions_own() -> None:
     c = load_constitution("axes12")
     assert len(c.axis_ids) >= 12
-    assert {"honesty", "harmlessness", "helpfulness", "verbosity", "tone", "evasiveness", "sycophancy"} <= set(c.axis_ids)
+    wanted = {"honesty", "harmlessness", "helpfulness", "verbosity", "tone", "evasiveness", "sycophancy"}
+    assert wanted <= set(c.axis_ids)
     # every declared axis has a comparison principle, so per-axis labelling can cover all of them
     for axis in c.axis_ids:
         assert [p for p in c.principles_for("comparison") if axis in p.axes], axis
