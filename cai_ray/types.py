@@ -96,6 +96,7 @@ class TrainSequence:
     rollout_logprobs: tuple[float, ...] | None = None  # [R] behaviour log-probs from the sampler
     reward: float | None = None  # sequence-level reward (PM score, label-derived, ...)
     group_id: int = 0  # responses to the same prompt share a group (GRPO/RLOO)
+    axis_rewards: tuple[float, ...] | None = None  # [K] multi-head PM: one reward per axis (GDPO-style advantages)
 
 
 @dataclass(frozen=True)

@@ -241,8 +241,10 @@ def update_policy(learner: LearnerGroup, samples: Sequence[Sample], pairs: Seque
     out: Metrics = {"reward/mean": _mean(rewards), "reward/std": _std(rewards)}
     if algorithm == "dpo":
         return out | learner.dpo_step(list(pairs))
-    scored = [TrainSequence(s.prompt_token_ids, s.response_token_ids, s.rollout_logprobs, r, s.group_id)
-              for s, r in zip(seqs, rewards, strict=True)]
+    per_axis = learner.roles.pm_axes and algorithm in NEEDS_WHOLE_GROUPS and seqs  # GDPO-style advantages
+    axis_rewards = [tuple(r) for r in learner.pm_axis_scores(seqs)] if per_axis else [None] * len(seqs)
+    scored = [TrainSequence(s.prompt_token_ids, s.response_token_ids, s.rollout_logprobs, r, s.group_id, ar)
+              for s, r, ar in zip(seqs, rewards, axis_rewards, strict=True)]
     if algorithm == "ppo":
         return out | learner.ppo_step(scored)
     return out | learner.critic_free_step(scored, algorithm)

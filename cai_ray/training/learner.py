@@ -42,6 +42,7 @@ from cai_ray.algorithms.critic_free import (
 from cai_ray.algorithms.dpo import dpo_loss
 from cai_ray.algorithms.ppo import gae_advantages, kl_k1, kl_k3, kl_penalized_rewards, policy_loss, value_loss
 from cai_ray.algorithms.preference import preference_loss
+from cai_ray.algorithms.aggregation import decoupled_group_advantages
 from cai_ray.algorithms.sft import sft_loss
 from cai_ray.backend import enter_role
 from cai_ray.config import LearnerConfig, ModelConfig, ModelsConfig
@@ -425,8 +426,14 @@ class LearnerWorker:
             kl_ref = None
         else:
             k = samples_per_prompt or find_group_size(seqs)
-            seq_adv = (grpo_advantages(rewards=rewards, group_size=k, scale=self.cfg.grpo_scale_rewards)
-                       if estimator == "grpo" else rloo_advantages(rewards=rewards, group_size=k))
+            if self.roles.pm_axes and all(s.axis_rewards is not None for s in seqs):
+                # per-axis rewards: each axis normalised within its group before the weighted sum (GDPO)
+                seq_adv = decoupled_group_advantages(
+                    torch.tensor([list(s.axis_rewards) for s in seqs], dtype=torch.float32),  # type: ignore[arg-type]
+                    torch.tensor(self.roles.pm_mix, dtype=torch.float32), group_size=k, estimator=estimator)
+            else:
+                seq_adv = (grpo_advantages(rewards=rewards, group_size=k, scale=self.cfg.grpo_scale_rewards)
+                           if estimator == "grpo" else rloo_advantages(rewards=rewards, group_size=k))
             advantages = broadcast_sequence_advantages(seq_adv, batch.loss_mask)
             kl_ref = ref
         metrics = self._rollout_stats(seqs, batch, old, ref)

@@ -67,7 +67,8 @@ def test_loop_with_per_axis_labels_and_priority(ray_local: None, tmp_path) -> No
     cfg = load_config(quickstart, [f"logging.output_dir={tmp_path}/{{name}}", "logging.wandb_mode=disabled",
                                    "cluster.num_cpus=8", "constitution.path=axes12", "feedback.label_axes=all",
                                    "feedback.aggregation.mode=priority", "feedback.aggregation.margin=0.01",
-                                   "schedule.num_prompts_per_iteration=4", "rollout.max_new_tokens=8"])
+                                   "schedule.num_prompts_per_iteration=4", "rollout.max_new_tokens=8",
+                                   "learner.algorithm=grpo"])  # rewards from the multi-head PM, GDPO advantages
     run_dir = run_experiment(cfg, sl=False, rl=True)
     axes = load_constitution("axes12").axis_ids
     for it in range(2):
@@ -81,7 +82,7 @@ def test_loop_with_per_axis_labels_and_priority(ray_local: None, tmp_path) -> No
         for axis in axes:
             assert 0.0 <= m[f"pm_fresh/{axis}/accuracy"] <= 1.0
             assert m[f"labels/{axis}/decisiveness"] >= 0.0
-        assert m["loss/pm"] > 0.0
+        assert m["loss/pm"] > 0.0 and m["policy/optimizer_steps"] > 0
     import torch
 
     from cai_ray.training.modeling import ScalarHeadModel
