@@ -46,3 +46,13 @@ def test_one_head_model_is_unchanged_and_pair_labels_are_checked(tiny_model_path
     torch.testing.assert_close(pair_axis_probs(pairs[:1], 3), torch.tensor([[0.9, 0.2, 0.5]]))
     with pytest.raises(ValueError, match=r"pairs \[1\] carry no per-axis labels for the 3-head"):
         pair_axis_probs(pairs, 3)
+
+
+def test_replay_window_keeps_per_axis_labels_across_resume() -> None:
+    import json
+
+    from cai_ray.pipelines.checkpoint import LoopState
+
+    pairs = [TrainPair((1, 2), (3,), (4, 5), 0.75, (0.9, 0.25)), TrainPair((1,), (2,), (3,), 0.5)]
+    back = LoopState.from_json(json.loads(json.dumps(LoopState(1, 1, [pairs]).to_json())))
+    assert back.replay == [pairs]  # tuples restored, None stays None
