@@ -51,6 +51,45 @@ def _constitution_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _axes(args: argparse.Namespace) -> int:
+    from cai_ray.axes_report import AxesReportError, format_trade_offs, write_axes_report
+
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else run_dir / "axes"
+    try:
+        report = write_axes_report(run_dir, out, window=args.window, num_samples=args.bootstrap, seed=args.seed)
+    except AxesReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_trade_offs(report))
+    print(f"wrote {out / 'axes.json'} and {len(report['plots'])} heatmap(s)")
+    return 0
+
+
+def _judge_check(args: argparse.Namespace) -> int:
+    import json
+
+    from cai_ray.inference.feedback import FeedbackWorker
+    from cai_ray.judge_check import format_report, judge_check, trained_axes
+    from cai_ray.pipelines.run import run_dir_for
+
+    cfg = load_config(args.config, args.set)
+    feedback = cfg.feedback.model_copy(update={"swap_debias": True})  # both orders: position bias is measured
+    worker = FeedbackWorker(cfg.models.resolved_feedback(), feedback, cfg.constitution, cfg.data, seed=cfg.seed)
+    constitution = load_constitution(cfg.constitution.path)
+    report = judge_check(worker.label_pairs, constitution, tiers=cfg.constitution.tiers,
+                         trained_axes=trained_axes(constitution, cfg.feedback.label_axes, cfg.constitution.tiers))
+    report["feedback_model"] = cfg.models.resolved_feedback().name
+    out = Path(args.out) if args.out else run_dir_for(cfg) / "judge_check.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    print(format_report(report))
+    if report["at_chance_trained_axes"]:
+        print(f"WARNING: the judge is at chance on trained axes {report['at_chance_trained_axes']}", file=sys.stderr)
+    print(f"wrote {out}")
+    return 0
+
+
 def _models_prepare(args: argparse.Namespace) -> int:
     from cai_ray.models import resolve_model
 
@@ -171,6 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--reps", type=int, default=None, help="repetitions for every part (default: each part's own)")
     bench.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
     bench.set_defaults(func=_bench)
+
+    axes = sub.add_parser("axes", help="correlations of a run's per-axis labels: trade-offs, JSON + heatmaps")
+    axes.add_argument("--run-dir", required=True, help="an RL run folder labelled with feedback.label_axes")
+    axes.add_argument("--window", type=int, default=1, help="iterations per window (default 1)")
+    axes.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples per correlation")
+    axes.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    axes.add_argument("--out", help="output folder (default: RUN/axes)")
+    axes.set_defaults(func=_axes)
+
+    jc = sub.add_parser("judge-check", help="the feedback model's accuracy per axis on the shipped calibration set")
+    with_config(jc)
+    jc.add_argument("--out", help="JSON output (default: RUN/judge_check.json)")
+    jc.set_defaults(func=_judge_check)
 
     demo = sub.add_parser("demo", help="run the embedded default end to end")
     with_config(demo, required=False)

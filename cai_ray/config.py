@@ -159,6 +159,19 @@ class RolloutConfig(_Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
 
+class AggregationConfig(_Strict):
+    """How per-axis soft labels become the one training label (cai_ray.algorithms.aggregation)."""
+
+    mode: Literal["mean", "weighted", "priority", "soft_priority"] = Field(
+        "priority", description="mean / weighted of the axes, or the constitution's tier order (hard or soft)."
+    )
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="weighted: a weight >= 0 for every labelled axis."
+    )
+    margin: float = Field(0.1, ge=0, lt=0.5, description="priority: a tier decides when |p - 0.5| > margin.")
+    decay: float = Field(0.5, gt=0, le=1, description="soft_priority: tier t weighs decay**t (0 = highest).")
+
+
 class FeedbackConfig(_Strict):
     """The pool of feedback-model actors: critiques, revisions, AI preference labels."""
 
@@ -172,6 +185,15 @@ class FeedbackConfig(_Strict):
     )
     num_principles_per_label: int = Field(1, ge=1, description="Ensemble: principles averaged per comparison.")
     swap_debias: bool = Field(True, description="Score (A,B) and (B,A) and average to remove position bias.")
+    label_axes: Literal["none", "all"] | list[str] = Field(
+        "none", description="Per-axis labels: none (one label per pair), all declared axes, or a list of axis ids."
+    )
+    aggregation: AggregationConfig = Field(
+        default_factory=AggregationConfig, description="Per-axis labels -> one training label (with label_axes)."
+    )
+    judge_check: bool = Field(
+        True, description="At RL start, measure the judge on the shipped calibration set (judge_check.json)."
+    )
     cot_max_new_tokens: int = Field(64, gt=0, description="Longest chain-of-thought.")
     cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="CoT label probabilities are clamped to this band.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature for critiques, revisions and CoT.")
@@ -187,6 +209,10 @@ class FeedbackConfig(_Strict):
         lo, hi = self.cot_clamp
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"cot_clamp must satisfy 0 <= low < high <= 1, got {self.cot_clamp}")
+        if self.label_axes != "none" and self.label_mode == "direct":
+            raise ValueError("label_axes needs label_mode multiple_choice or cot (direct scores are not per axis)")
+        if isinstance(self.label_axes, list) and not self.label_axes:
+            raise ValueError("label_axes: an empty list; use 'none', 'all' or a list of axis ids")
         return self
 
 

@@ -20,8 +20,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-AXES = ("harmlessness", "honesty", "helpfulness", "ethics", "legality", "privacy", "fairness", "tone", "persona",
-        "autonomy")
 SHIPPED_DIR = Path(__file__).parent / "constitutions"
 ANSWER_PREFIX = "The answer is: ("
 COT_TRIGGER = "Let's think step by step:"
@@ -42,12 +40,19 @@ class Tier(_Strict):
     description: str = Field(min_length=1)
 
 
+class Axis(_Strict):
+    """A behavioural axis the constitution's principles target (declared once, referenced by principles)."""
+
+    id: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    description: str = Field(min_length=1)
+
+
 class Principle(_Strict):
     """One principle: SL-stage critique/revision requests and/or an RL-stage comparison question."""
 
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     tier: str
-    axes: tuple[Literal[AXES], ...] = Field(min_length=1)  # type: ignore[valid-type]
+    axes: tuple[str, ...] = Field(min_length=1)
     critique: str | None = Field(None, min_length=1)
     revision: str | None = Field(None, min_length=1)
     comparison: str | None = Field(None, min_length=1)
@@ -88,10 +93,11 @@ class FewShot(_Strict):
 
 
 class Constitution(_Strict):
-    """A validated constitution. Tiers are ordered, highest priority first."""
+    """A validated constitution. Tiers are ordered, highest priority first; axes are declared once."""
 
     name: str = Field(min_length=1)
     description: str = ""
+    axes: tuple[Axis, ...] = Field(min_length=1)
     tiers: tuple[Tier, ...] = Field(min_length=1)
     principles: tuple[Principle, ...] = Field(min_length=1)
     few_shot: FewShot = FewShot()
@@ -100,11 +106,18 @@ class Constitution(_Strict):
     def _references(self) -> Constitution:
         tier_ids = [t.id for t in self.tiers]
         _unique(tier_ids, "tiers")
+        axis_ids = [a.id for a in self.axes]
+        _unique(axis_ids, "axes")
         _unique([p.id for p in self.principles], "principles")
         by_id = {p.id: p for p in self.principles}
         for i, p in enumerate(self.principles):
             if p.tier not in tier_ids:
                 raise ValueError(f"principles.{i}.tier: '{p.tier}' is not a tier id (tiers: {', '.join(tier_ids)})")
+            for j, axis in enumerate(p.axes):
+                if axis not in axis_ids:
+                    raise ValueError(f"principles.{i}.axes.{j}: principle '{p.id}' names axis '{axis}', which the "
+                                     f"constitution does not declare (declare it under the top-level axes: "
+                                     f"{', '.join(axis_ids)})")
         kinds = (("critique_revision", "critique"), ("comparison", "comparison"), ("cot_comparison", "comparison"))
         for kind, needed in kinds:
             for i, ex in enumerate(getattr(self.few_shot, kind)):
@@ -120,6 +133,37 @@ class Constitution(_Strict):
     def tier_rank(self, tier_id: str) -> int:
         """0 for the highest-priority tier."""
         return [t.id for t in self.tiers].index(tier_id)
+
+    @property
+    def axis_ids(self) -> tuple[str, ...]:
+        """The declared axes, in declaration order."""
+        return tuple(a.id for a in self.axes)
+
+    def axis_tier_rank(self, axis: str) -> int:
+        """The rank of the highest-priority tier with a comparison principle on ``axis`` (0 = highest)."""
+        ranks = [self.tier_rank(p.tier) for p in self.principles if axis in p.axes and p.comparison is not None]
+        if not ranks:
+            raise ConstitutionError(f"constitution '{self.name}': no comparison principle targets axis '{axis}'")
+        return min(ranks)
+
+    def label_axes(self, chosen: str | list[str], tiers: list[str] | None = None) -> tuple[str, ...]:
+        """The axes to label per pair (``feedback.label_axes``): ``'none'`` -> (), ``'all'`` or a list of ids.
+
+        Each axis needs a comparison principle in ``tiers``; the error names the axis and the fix.
+        """
+        if chosen == "none":
+            return ()
+        axes = self.axis_ids if chosen == "all" else tuple(chosen)
+        unknown = [a for a in axes if a not in self.axis_ids]
+        if unknown:
+            raise ConstitutionError(f"feedback.label_axes: {unknown} not declared by constitution '{self.name}' "
+                                    f"(axes: {', '.join(self.axis_ids)})")
+        pool = self.principles_for("comparison", tiers)
+        bare = [a for a in axes if not any(a in p.axes for p in pool)]
+        if bare:
+            raise ConstitutionError(f"feedback.label_axes: constitution '{self.name}' has no comparison principle "
+                                    f"for axis/axes {bare} in tiers {tiers}; list the axes explicitly or widen tiers")
+        return axes
 
     def principles_for(self, stage: Stage, tiers: list[str] | None = None) -> list[Principle]:
         """Principles usable at ``stage`` ('critique' or 'comparison'), optionally only from ``tiers``."""

@@ -56,6 +56,7 @@ class ComparisonRequest:
     prompt: str
     response_a: str
     response_b: str
+    axis: str | None = None  # judge on this one axis only (one of its principles; judge-check)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ class PreferenceLabel:
     mode: str  # "multiple_choice" | "cot" | "direct"
     reasoning: str | None = None  # CoT text when mode == "cot"
     error: str | None = None  # set when the pair could not be labelled (prob_a is then 0.5)
+    # feedback.label_axes: P(A better) per axis, one principle each; prob_a is then their aggregation
+    axis_probs: dict[str, float] | None = None
+    # with swap_debias: mean P(first-listed option) - 0.5 over both orders (0 for a judge without position bias)
+    position_bias: float | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class TrainSequence:
     rollout_logprobs: tuple[float, ...] | None = None  # [R] behaviour log-probs from the sampler
     reward: float | None = None  # sequence-level reward (PM score, label-derived, ...)
     group_id: int = 0  # responses to the same prompt share a group (GRPO/RLOO)
+    axis_rewards: tuple[float, ...] | None = None  # [K] multi-head PM: one reward per axis (GDPO-style advantages)
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,7 @@ class TrainPair:
     response_a_token_ids: tuple[int, ...]  # [Ra]
     response_b_token_ids: tuple[int, ...]  # [Rb]
     prob_a: float  # soft label in [0, 1]
+    axis_probs: tuple[float, ...] | None = None  # [K] per-axis soft labels, in the multi-head PM's axis order
 
 
 @dataclass(frozen=True)

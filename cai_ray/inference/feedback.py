@@ -45,11 +45,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cai_ray.algorithms.aggregation import aggregate_label, axis_weights
 from cai_ray.backend import enter_role
 from cai_ray.config import ClusterConfig, ConstitutionConfig, DataConfig, FeedbackConfig, ModelConfig
 from cai_ray.constitution import (
     ANSWER_PREFIX,
     Constitution,
+    ConstitutionError,
     Principle,
     comparison_prompt,
     cot_comparison_prompt,
@@ -190,6 +192,11 @@ class FeedbackWorker(EngineWeights):
         self._overlong = data.overlong_prompt
         self._seed = seed
         self._options = option_continuations(self._engine.encode)
+        self._label_axes = self._constitution.label_axes(feedback.label_axes, self._tiers)
+        self._axis_ranks = {a: self._constitution.axis_tier_rank(a) for a in self._label_axes}
+        if self._label_axes:  # a weighted rule missing an axis's weight fails here, not mid-run
+            axis_weights(list(self._label_axes), mode=feedback.aggregation.mode, weights=feedback.aggregation.weights,
+                         ranks=self._axis_ranks, decay=feedback.aggregation.decay)
         self._ratings = [self._engine.encode(f"{r})") for r in RATINGS]
 
     # ------------------------------------------------------------------------------------ verbs
@@ -302,7 +309,11 @@ class FeedbackWorker(EngineWeights):
             except PromptRejected as err:
                 labels[i] = PreferenceLabel(req.pair_id, 0.5, (), (), (), mode, error=str(err))
                 continue
-            principles[i] = self._principles("comparison", req.pair_id, 0, cfg.num_principles_per_label)
+            try:
+                principles[i] = self._comparison_principles(req)
+            except ConstitutionError as err:
+                labels[i] = PreferenceLabel(req.pair_id, 0.5, (), (), (), mode, error=str(err))
+                continue
             for k, principle in enumerate(principles[i]):
                 for swapped in orders:
                     first, second = (req.response_b, req.response_a) if swapped else (req.response_a, req.response_b)
@@ -338,17 +349,47 @@ class FeedbackWorker(EngineWeights):
             if i in labels:
                 continue
             ks = range(len(principles[i]))
-            ab = [first_better[(i, k, False)] for k in ks]
-            ba = [first_better[(i, k, True)] for k in ks] if cfg.swap_debias else None
-            prob = preference_label(ab, ba)
-            if cot:
-                prob = clamp(prob, cfg.cot_clamp)
+            per_k = [self._debiased(first_better, i, [k], cot) for k in ks]
+            axes = (req.axis,) if req.axis else self._label_axes
+            axis_probs = dict(zip(axes, per_k)) if axes else None
+            prob = self._aggregate(axis_probs) if axis_probs and not req.axis else (
+                self._debiased(first_better, i, list(ks), cot))
+            bias = mean([(first_better[(i, k, False)] + first_better[(i, k, True)]) / 2 - 0.5
+                         for k in ks]) if cfg.swap_debias else None
             text = "\n---\n".join(reasoning[(i, k, s)] for k in ks for s in orders) if cot else None
             labels[i] = PreferenceLabel(
                 req.pair_id, prob, tuple(p.id for p in principles[i]), tuple(p.tier for p in principles[i]),
-                _axes(principles[i]), mode, reasoning=text,
+                axes or _axes(principles[i]), mode, reasoning=text, axis_probs=axis_probs, position_bias=bias,
             )
         return [labels[i] for i in range(len(requests))]
+
+    def _debiased(self, first_better: dict[tuple[int, int, bool], float], i: int, ks: list[int], cot: bool) -> float:
+        """The (swap-debiased, CoT-clamped) label of request ``i`` from the scores of principles ``ks``."""
+        ab = [first_better[(i, k, False)] for k in ks]
+        ba = [first_better[(i, k, True)] for k in ks] if self._cfg.swap_debias else None
+        prob = preference_label(ab, ba)
+        return clamp(prob, self._cfg.cot_clamp) if cot else prob
+
+    def _comparison_principles(self, req: ComparisonRequest) -> list[Principle]:
+        """The sampled ensemble; with ``label_axes`` (or ``req.axis``) one principle per axis, stable per
+        (seed, pair, axis)."""
+        if not self._label_axes and not req.axis:
+            return self._principles("comparison", req.pair_id, 0, self._cfg.num_principles_per_label)
+        axes = (req.axis,) if req.axis else self._label_axes
+        pool = self._constitution.principles_for("comparison", self._tiers)
+        out = []
+        for axis in axes:
+            of_axis = [p for p in pool if axis in p.axes]
+            if not of_axis:
+                raise ConstitutionError(f"pair '{req.pair_id}': constitution '{self._constitution.name}' has no "
+                                        f"comparison principle for axis '{axis}' in tiers {self._tiers}")
+            out.append(random.Random(stable_seed(self._seed, "axis", req.pair_id, axis)).choice(of_axis))
+        return out
+
+    def _aggregate(self, axis_probs: dict[str, float]) -> float:
+        agg = self._cfg.aggregation
+        return aggregate_label(axis_probs, mode=agg.mode, weights=agg.weights, ranks=self._axis_ranks,
+                               margin=agg.margin, decay=agg.decay)
 
     def _label_direct(self, requests: Sequence[ComparisonRequest]) -> list[PreferenceLabel]:
         """Pair labels from direct scores of each response under the same principles."""

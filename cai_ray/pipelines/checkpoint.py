@@ -57,7 +57,8 @@ class LoopState:
     def from_json(cls, raw: dict[str, Any]) -> LoopState:
         """Inverse of :meth:`to_json`."""
         replay = [[TrainPair(tuple(p["prompt_token_ids"]), tuple(p["response_a_token_ids"]),
-                             tuple(p["response_b_token_ids"]), p["prob_a"]) for p in window]
+                             tuple(p["response_b_token_ids"]), p["prob_a"],
+                             tuple(p["axis_probs"]) if p.get("axis_probs") is not None else None) for p in window]
                   for window in raw["replay"]]
         # A checkpoint written before red-teaming existed has no archive: it resumes with an empty one.
         return cls(raw["iteration"], raw["version"], replay, AttackArchive.from_json(raw.get("red_team_archive", [])))

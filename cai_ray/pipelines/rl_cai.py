@@ -26,6 +26,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -146,10 +147,24 @@ def running(cfg: ExperimentConfig, run_dir: Path, state: LoopState, *,
         if resume:
             roles.learner.load_checkpoint(str(checkpoint_dir(run_dir) / "learner"))
             roles.push_weights(state.version)
+        elif cfg.feedback.judge_check:
+            check_judge(roles, cfg, run_dir)
         bar = tqdm(total=cfg.schedule.num_iterations, initial=state.iteration, desc="RL-CAI", unit="iter",
                    disable=not cfg.logging.progress)
         cleanup.callback(bar.close)
         yield roles, writer, bar
+
+
+def check_judge(roles: Roles, cfg: ExperimentConfig, run_dir: Path) -> None:
+    """The judge reliability check on the calibration set, once at the start: ``judge_check.json``, a warning."""
+    from cai_ray.constitution import load_constitution
+    from cai_ray.judge_check import judge_check, trained_axes, warn_if_at_chance
+
+    constitution = load_constitution(cfg.constitution.path)
+    report = judge_check(roles.feedback.label_pairs, constitution, tiers=cfg.constitution.tiers,
+                         trained_axes=trained_axes(constitution, cfg.feedback.label_axes, cfg.constitution.tiers))
+    (run_dir / "judge_check.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    warn_if_at_chance(report)
 
 
 # ------------------------------------------------------------------------------------ phases
@@ -171,7 +186,8 @@ def make_pairs(samples: Sequence[Sample], *, iteration: int) -> tuple[list[Compa
 def pair_for_training(pair: tuple[Sample, Sample], label: PreferenceLabel) -> TrainPair:
     """A labelled pair as the learner's input."""
     a, b = pair
-    return TrainPair(a.prompt_token_ids, a.response_token_ids, b.response_token_ids, label.prob_a)
+    axis_probs = tuple(label.axis_probs.values()) if label.axis_probs else None  # in feedback.label_axes order
+    return TrainPair(a.prompt_token_ids, a.response_token_ids, b.response_token_ids, label.prob_a, axis_probs)
 
 
 def preference_accuracy(scores: Sequence[float], pairs: Sequence[TrainPair]) -> dict[str, float]:
@@ -185,11 +201,25 @@ def preference_accuracy(scores: Sequence[float], pairs: Sequence[TrainPair]) -> 
     return {k.replace("loss/pm", "pm/loss").replace("pm/", "pm_fresh/", 1): v for k, v in metrics.items()}
 
 
+def axis_preference_accuracy(scores: Sequence[Sequence[float]], pairs: Sequence[TrainPair],
+                             axes: Sequence[str]) -> Metrics:
+    """``pm_fresh/<axis>/accuracy`` (and loss, ...) of each PM head on its axis's labels, from [a0, b0, ...] rows."""
+    heads = torch.tensor(scores, dtype=torch.float32).view(len(pairs), 2, len(axes))
+    targets = torch.tensor([list(p.axis_probs or ()) for p in pairs], dtype=torch.float32)
+    out: Metrics = {}
+    for j, axis in enumerate(axes):
+        _, m = preference_loss(reward_a=heads[:, 0, j], reward_b=heads[:, 1, j], prob_a=targets[:, j])
+        out |= {f"pm_fresh/{axis}/{'loss' if k == 'loss/pm' else k.removeprefix('pm/')}": v for k, v in m.items()}
+    return out
+
+
 def update_preference_model(learner: LearnerGroup, fresh: Sequence[TrainPair], replay: Sequence[Sequence[TrainPair]],
                             *, epochs: int) -> Metrics:
     """The PM's accuracy on the fresh labels before its update, then ``epochs`` steps on the replay window."""
     pairs = [p for window in replay for p in window]
     metrics: Metrics = preference_accuracy(learner.pm_scores(_flatten(fresh)), fresh) if fresh else {}
+    if fresh and learner.roles.pm_axes:
+        metrics |= axis_preference_accuracy(learner.pm_axis_scores(_flatten(fresh)), fresh, learner.roles.pm_axes)
     for _ in range(epochs if pairs else 0):
         metrics |= learner.pm_step(pairs)
     return metrics
@@ -211,8 +241,10 @@ def update_policy(learner: LearnerGroup, samples: Sequence[Sample], pairs: Seque
     out: Metrics = {"reward/mean": _mean(rewards), "reward/std": _std(rewards)}
     if algorithm == "dpo":
         return out | learner.dpo_step(list(pairs))
-    scored = [TrainSequence(s.prompt_token_ids, s.response_token_ids, s.rollout_logprobs, r, s.group_id)
-              for s, r in zip(seqs, rewards, strict=True)]
+    per_axis = learner.roles.pm_axes and algorithm in NEEDS_WHOLE_GROUPS and seqs  # GDPO-style advantages
+    axis_rewards = [tuple(r) for r in learner.pm_axis_scores(seqs)] if per_axis else [None] * len(seqs)
+    scored = [TrainSequence(s.prompt_token_ids, s.response_token_ids, s.rollout_logprobs, r, s.group_id, ar)
+              for s, r, ar in zip(seqs, rewards, axis_rewards, strict=True)]
     if algorithm == "ppo":
         return out | learner.ppo_step(scored)
     return out | learner.critic_free_step(scored, algorithm)
@@ -259,8 +291,14 @@ def label_stats(labels: Sequence[PreferenceLabel]) -> Metrics:
     """Mean soft label, mean binary entropy (a collapsed judge has entropy near 0 or near log 2), errors."""
     ok = [lab.prob_a for lab in labels if lab.error is None]
     ent = [-(p * math.log(p) + (1 - p) * math.log(1 - p)) if 0 < p < 1 else 0.0 for p in ok]
-    return {"labels/count": float(len(ok)), "labels/errors": float(len(labels) - len(ok)),
-            "labels/prob_a_mean": _mean(ok), "labels/entropy": _mean(ent)}
+    out = {"labels/count": float(len(ok)), "labels/errors": float(len(labels) - len(ok)),
+           "labels/prob_a_mean": _mean(ok), "labels/entropy": _mean(ent)}
+    per_axis: dict[str, list[float]] = {}
+    for lab in labels:  # feedback.label_axes: how decisive the judge is on each axis
+        for axis, p in (lab.axis_probs or {}).items() if lab.error is None else ():
+            per_axis.setdefault(axis, []).append(abs(p - 0.5))
+    out.update({f"labels/{axis}/decisiveness": _mean(v) for axis, v in per_axis.items()})
+    return out
 
 
 # ---------------------------------------------------------------------------------- durability

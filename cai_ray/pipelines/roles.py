@@ -128,6 +128,25 @@ def shutdown_all(roles: Iterable[Any]) -> None:
         raise errors[0]
 
 
+def pm_heads(cfg: ExperimentConfig) -> dict[str, tuple]:
+    """The multi-head PM's axes and head mix (``feedback.label_axes``); empty for the one-head PM.
+
+    The mix is the aggregation rule as linear weights; ``priority`` mixes with its soft (decaying) weights,
+    since a reward must be linear in the heads.
+    """
+    from cai_ray.algorithms.aggregation import axis_weights
+    from cai_ray.constitution import load_constitution
+
+    constitution = load_constitution(cfg.constitution.path)
+    axes = constitution.label_axes(cfg.feedback.label_axes, cfg.constitution.tiers)
+    if not axes:
+        return {"pm_axes": (), "pm_mix": ()}
+    agg = cfg.feedback.aggregation
+    weights = axis_weights(list(axes), mode=agg.mode, weights=agg.weights, decay=agg.decay,
+                           ranks={a: constitution.axis_tier_rank(a) for a in axes})
+    return {"pm_axes": axes, "pm_mix": tuple(weights[a] for a in axes)}
+
+
 def start_roles(cfg: ExperimentConfig) -> Roles:
     """Start the learner group, rollout workers and feedback pool together; on any failure stop what started."""
     from concurrent.futures import ThreadPoolExecutor
@@ -137,7 +156,8 @@ def start_roles(cfg: ExperimentConfig) -> Roles:
         futures = {
             "learner": threads.submit(
                 LearnerGroup, cfg.learner, cfg.models, cfg.cluster, seed=cfg.seed,
-                roles=LearnerRoles(reference=True, preference_model=True, critic=cfg.learner.algorithm == "ppo")),
+                roles=LearnerRoles(reference=True, preference_model=True, critic=cfg.learner.algorithm == "ppo",
+                                   **pm_heads(cfg))),
             "rollout": threads.submit(start_rollout_workers, cfg.models.policy, cfg.rollout, cfg.data, cfg.cluster,
                                       seed=cfg.seed),
             "feedback": threads.submit(start_feedback_pool, cfg.models.resolved_feedback(), cfg.feedback,

@@ -122,6 +122,11 @@ class LearnerGroup:
         results, _ = self._sharded("pm_scores", seqs)
         return [score for part in results for score in part]
 
+    def pm_axis_scores(self, seqs: Sequence[TrainSequence]) -> list[list[float]]:
+        """Per-axis head scores of each sequence, in order (multi-head PM)."""
+        results, _ = self._sharded("pm_axis_scores", seqs)
+        return [row for part in results for row in part]
+
     def dpo_step(self, pairs: Sequence[TrainPair]) -> Metrics:
         """``learner.num_policy_epochs`` optimizer steps of online DPO on labelled pairs."""
         return self._step("dpo_step", pairs)

@@ -42,6 +42,7 @@ from cai_ray.algorithms.critic_free import (
 from cai_ray.algorithms.dpo import dpo_loss
 from cai_ray.algorithms.ppo import gae_advantages, kl_k1, kl_k3, kl_penalized_rewards, policy_loss, value_loss
 from cai_ray.algorithms.preference import preference_loss
+from cai_ray.algorithms.aggregation import decoupled_group_advantages
 from cai_ray.algorithms.sft import sft_loss
 from cai_ray.backend import enter_role
 from cai_ray.config import LearnerConfig, ModelConfig, ModelsConfig
@@ -53,7 +54,9 @@ from cai_ray.training.modeling import (
     SequenceBatch,
     collate_pairs,
     collate_sequences,
+    last_token_heads,
     last_token_scores,
+    pair_axis_probs,
     micro_batches,
     response_rows,
     response_values,
@@ -75,6 +78,8 @@ class LearnerRoles:
     reference: bool = True  # frozen copy for KL / DPO
     preference_model: bool = False  # scalar-head PM, trained with pm_step
     critic: bool = False  # PPO value model
+    pm_axes: tuple[str, ...] = ()  # feedback.label_axes: one PM head per axis (empty: one head)
+    pm_mix: tuple[float, ...] = ()  # the aggregation rule's axis weights that mix the heads into the reward
 
     @classmethod
     def for_algorithm(cls, algorithm: str) -> LearnerRoles:
@@ -118,8 +123,7 @@ class LearnerWorker:
         if self.roles.reference:
             self.reference = self._wrap(self._causal_lm("reference", self.models.resolved_reference()), lr=None)
         if self.roles.preference_model:
-            self.preference = self._wrap(self._scalar("preference", self.models.resolved_preference()),
-                                         lr=self.cfg.pm_lr)
+            self.preference = self._wrap(self._preference_model(), lr=self.cfg.pm_lr)
         if self.roles.critic:
             self.critic = self._wrap(self._scalar("critic", self.models.resolved_preference()), lr=self.cfg.critic_lr)
         torch.manual_seed(self.seed + 1000 * (self.rank + 1))
@@ -141,6 +145,20 @@ class LearnerWorker:
         if ScalarHeadModel.is_saved_at(ref.path):
             return ScalarHeadModel.from_pretrained(ref, dtype=self._dtype(model))
         return ScalarHeadModel.from_backbone(ref, dtype=self._dtype(model))
+
+    def _preference_model(self) -> ScalarHeadModel:
+        """The PM: one head, or one per ``roles.pm_axes``; a saved PM must have those same axes."""
+        model = self.models.resolved_preference()
+        ref = self._resolve("preference", model)
+        if not ScalarHeadModel.is_saved_at(ref.path):
+            return ScalarHeadModel.from_backbone(ref, dtype=self._dtype(model), axes=self.roles.pm_axes,
+                                                 mix=self.roles.pm_mix)
+        pm = ScalarHeadModel.from_pretrained(ref, dtype=self._dtype(model))
+        if pm.axes != self.roles.pm_axes:
+            raise ValueError(f"preference model {ref.path} has heads for axes {list(pm.axes)} but this run labels "
+                             f"{list(self.roles.pm_axes)}; set feedback.label_axes to match, or start a fresh PM")
+        pm.mix.copy_(torch.tensor(self.roles.pm_mix or [1.0]))  # this run's aggregation rule mixes the heads
+        return pm
 
     def _wrap(self, module: torch.nn.Module, *, lr: float | None) -> Any:
         config = ds.ds_config(self.cfg, world_size=self.world_size, dtype=next(module.parameters()).dtype,
@@ -217,9 +235,11 @@ class LearnerWorker:
             batch, prob_a = collate_pairs(pairs[start:stop], pad_id=self.pad_id,
                                           num_valid=max(0, min(n - start, stop - start)))
             batch = batch.to(self.device)
-            scores = self._scores(self.preference, batch)
             k = stop - start
             valid = batch.valid[:k]
+            if self.roles.pm_axes:
+                return self._axis_pm_loss(pairs[start:stop], batch, valid)
+            scores = self._scores(self.preference, batch)
             if not valid.any():
                 return scores.sum() * 0.0, {}, 0
             loss, metrics = preference_loss(reward_a=scores[:k][valid], reward_b=scores[k:][valid],
@@ -227,6 +247,37 @@ class LearnerWorker:
             return loss, metrics, int(valid.sum())
 
         return self._train(self.preference, num_items=len(pairs), num_valid=n, loss_fn=loss_fn)
+
+    def _axis_pm_loss(self, pairs: Sequence[TrainPair], batch: SequenceBatch,
+                      valid: Tensor) -> tuple[Tensor, Metrics, int]:
+        """Multi-head PM: each head's Bradley-Terry loss on its axis's soft labels, averaged over the axes."""
+        k, axes = len(pairs), self.roles.pm_axes
+        heads = last_token_heads(self.preference.module.forward_heads(batch.input_ids, batch.attention_mask),
+                                 batch.attention_mask)  # [2k, K]
+        if not valid.any():  # filler still runs backward (a collective under ZeRO-3)
+            return heads.sum() * 0.0, {}, 0
+        targets = pair_axis_probs(pairs, len(axes)).to(self.device)[valid]
+        losses, metrics = [], {}
+        for j, axis in enumerate(axes):
+            loss, m = preference_loss(reward_a=heads[:k, j][valid], reward_b=heads[k:, j][valid],
+                                      prob_a=targets[:, j])
+            losses.append(loss)
+            metrics |= {f"pm/{axis}/{name.removeprefix('pm/')}": v for name, v in m.items() if name != "loss/pm"}
+            metrics[f"loss/pm/{axis}"] = m["loss/pm"]
+        loss = torch.stack(losses).mean()
+        return loss, metrics | {"loss/pm": float(loss.detach())}, int(valid.sum())
+
+    @torch.no_grad()
+    def pm_axis_scores(self, seqs: Sequence[TrainSequence], num_valid: int | None = None) -> list[list[float]]:
+        """Per-axis head scores [K] of each (valid) sequence (multi-head PM)."""
+        n = len(seqs) if num_valid is None else num_valid
+        batch = collate_sequences(seqs, pad_id=self.pad_id, num_valid=n)
+        out: list[list[float]] = []
+        for start, stop in micro_batches(batch.num_rows, self.cfg.micro_batch_size):
+            mb = batch.rows(start, stop).to(self.device)
+            heads = self.preference.module.forward_heads(mb.input_ids, mb.attention_mask)
+            out += last_token_heads(heads, mb.attention_mask).float().cpu().tolist()
+        return out[:n]
 
     @torch.no_grad()
     def pm_scores(self, seqs: Sequence[TrainSequence], num_valid: int | None = None) -> list[float]:
@@ -372,8 +423,14 @@ class LearnerWorker:
             kl_ref = None
         else:
             k = samples_per_prompt or find_group_size(seqs)
-            seq_adv = (grpo_advantages(rewards=rewards, group_size=k, scale=self.cfg.grpo_scale_rewards)
-                       if estimator == "grpo" else rloo_advantages(rewards=rewards, group_size=k))
+            if self.roles.pm_axes and all(s.axis_rewards is not None for s in seqs):
+                # per-axis rewards: each axis normalised within its group before the weighted sum (GDPO)
+                seq_adv = decoupled_group_advantages(
+                    torch.tensor([list(s.axis_rewards) for s in seqs], dtype=torch.float32),  # type: ignore[arg-type]
+                    torch.tensor(self.roles.pm_mix, dtype=torch.float32), group_size=k, estimator=estimator)
+            else:
+                seq_adv = (grpo_advantages(rewards=rewards, group_size=k, scale=self.cfg.grpo_scale_rewards)
+                           if estimator == "grpo" else rloo_advantages(rewards=rewards, group_size=k))
             advantages = broadcast_sequence_advantages(seq_adv, batch.loss_mask)
             kl_ref = ref
         metrics = self._rollout_stats(seqs, batch, old, ref)

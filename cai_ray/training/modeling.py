@@ -4,6 +4,10 @@
 layer giving a scalar per position. The preference model reads it at the last real token of each row
 (``last_token_index(attention_mask)``); the PPO critic reads it at every position. It saves in HF
 format: the backbone as an HF model folder, the head as ``scalar_head.safetensors`` beside it.
+A multi-head PM (``axes``: one scalar head per behavioural axis on the shared backbone) also keeps
+``mix``, the fixed axis weights of the aggregation rule: ``forward`` returns the mixed scalar, so every
+consumer of a one-head PM (rewards, evaluation, export) works unchanged; ``forward_heads`` gives the
+per-axis scalars. The axes and mix are saved in the head file.
 
 Batches are right-padded and every mask is built from sequence lengths, never from the pad id (pad ==
 eos in some tokenizers, e.g. SmolLM2, so a pad-derived mask would drop the real final eos). Token-level
@@ -14,6 +18,7 @@ No Ray or DeepSpeed here.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -115,6 +120,15 @@ def collate_pairs(pairs: Sequence[TrainPair], *, pad_id: int,
     return batch, torch.tensor([p.prob_a for p in pairs], dtype=torch.float32)
 
 
+def pair_axis_probs(pairs: Sequence[TrainPair], num_axes: int) -> Tensor:
+    """[B, K] per-axis soft labels of ``pairs`` (each must carry ``num_axes`` of them)."""
+    bad = [i for i, p in enumerate(pairs) if p.axis_probs is None or len(p.axis_probs) != num_axes]
+    if bad:
+        raise ValueError(f"pairs {bad[:5]} carry no per-axis labels for the {num_axes}-head preference model; "
+                         "label with feedback.label_axes set to the PM's axes")
+    return torch.tensor([list(p.axis_probs) for p in pairs], dtype=torch.float32)  # type: ignore[arg-type]
+
+
 def response_values(batch: SequenceBatch, seqs: Sequence[TrainSequence],
                     values: Sequence[Sequence[float] | None]) -> Tensor:
     """Place per-response-token values (e.g. rollout log-probs) at their shifted columns: [B, T-1], 0 elsewhere."""
@@ -183,24 +197,30 @@ def group_size(seqs: Sequence[TrainSequence]) -> int:
 
 # --------------------------------------------------------------------------------- scalar head
 class ScalarHeadModel(nn.Module):
-    """HF base model + ``Linear(hidden, 1)``: a scalar per position (preference model and critic)."""
+    """HF base model + ``Linear(hidden, K)``: a scalar per position, K = 1 or one per axis (PM and critic)."""
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, *, axes: Sequence[str] = (), mix: Sequence[float] = ()) -> None:
         super().__init__()
+        if len(axes) != len(mix) or len(set(axes)) != len(axes):
+            raise ValueError(f"a multi-head model needs distinct axes and one mix weight each; got {axes}, {mix}")
         self.backbone = backbone
+        self.axes = tuple(axes)
         hidden = backbone.config.hidden_size
         dtype = next(backbone.parameters()).dtype
-        self.head = nn.Linear(hidden, 1, dtype=dtype)
+        self.head = nn.Linear(hidden, max(1, len(axes)), dtype=dtype)
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden + 1))
         nn.init.zeros_(self.head.bias)
+        # fixed weights, not trained and not in the DeepSpeed state: saved in the head file
+        self.register_buffer("mix", torch.tensor(list(mix) or [1.0], dtype=torch.float32), persistent=False)
 
     @property
     def config(self):  # the backbone's HF config (DeepSpeed and HF helpers look for it)
         return self.backbone.config
 
     @classmethod
-    def from_backbone(cls, ref: ModelRef, *, dtype: torch.dtype) -> ScalarHeadModel:
-        """A fresh head on the base model of an HF causal-LM (or base-model) folder or hub id."""
+    def from_backbone(cls, ref: ModelRef, *, dtype: torch.dtype, axes: Sequence[str] = (),
+                      mix: Sequence[float] = ()) -> ScalarHeadModel:
+        """A fresh head (one per axis when ``axes`` is given) on the base model of an HF causal-LM folder."""
         from transformers.utils import logging as hf_logging
 
         level = hf_logging.get_verbosity()
@@ -209,18 +229,23 @@ class ScalarHeadModel(nn.Module):
             backbone = ref.base_model(dtype=dtype)
         finally:
             hf_logging.set_verbosity(level)
-        return cls(backbone)
+        return cls(backbone, axes=axes, mix=mix)
 
     @classmethod
     def from_pretrained(cls, ref: ModelRef, *, dtype: torch.dtype) -> ScalarHeadModel:
         """Load a folder written by :meth:`save_pretrained`."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         head_file = Path(ref.path) / HEAD_FILE
         if not head_file.is_file():
             raise FileNotFoundError(f"{ref.path} has no {HEAD_FILE}; use ScalarHeadModel.from_backbone for a plain LM")
-        model = cls.from_backbone(ref, dtype=dtype)
+        with safe_open(str(head_file), framework="pt") as f:
+            meta = f.metadata() or {}
         state = load_file(str(head_file))
+        mix = state.pop("mix", None)
+        axes = tuple(json.loads(meta.get("axes", "[]")))
+        model = cls.from_backbone(ref, dtype=dtype, axes=axes, mix=mix.tolist() if mix is not None else ())
         model.head.load_state_dict({k: v.to(dtype) for k, v in state.items()})
         return model
 
@@ -236,17 +261,33 @@ class ScalarHeadModel(nn.Module):
         state = state_dict if state_dict is not None else self.state_dict()
         backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
         head = {k.removeprefix("head."): v.contiguous() for k, v in state.items() if k.startswith("head.")}
+        if self.axes:
+            head["mix"] = self.mix.detach().cpu().contiguous()
         Path(path).mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(path, state_dict=backbone)
-        save_file(head, str(Path(path) / HEAD_FILE))
+        save_file(head, str(Path(path) / HEAD_FILE), metadata={"axes": json.dumps(list(self.axes))})
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.backbone.gradient_checkpointing_enable(**kwargs)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """[B, T] ids and mask -> [B, T] float32 scalars (one per position)."""
+    def forward_heads(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, T] ids and mask -> [B, T, K] float32 scalars, one per head."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()
+        return self.head(hidden).float()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, T] ids and mask -> [B, T] float32 scalars (one per position; multi-head: mixed by ``mix``)."""
+        return self.mix_heads(self.forward_heads(input_ids, attention_mask))
+
+    def mix_heads(self, heads: Tensor) -> Tensor:
+        """[..., K] per-head scalars -> [...] the aggregated scalar."""
+        return (heads * self.mix.to(heads.device)).sum(dim=-1)
+
+
+def last_token_heads(values: Tensor, attention_mask: Tensor) -> Tensor:
+    """[B, T, K] per-position, per-head scalars -> [B, K], read at each row's last real token."""
+    index = last_token_index(attention_mask).view(-1, 1, 1).expand(-1, 1, values.shape[-1])
+    return values.gather(1, index).squeeze(1)
 
 
 def last_token_scores(values: Tensor, attention_mask: Tensor) -> Tensor:

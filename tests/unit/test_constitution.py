@@ -45,6 +45,26 @@ def test_priority_has_four_ordered_tiers_with_principles() -> None:
     assert c.tier_rank("broadly_safe") == 0
 
 
+def test_axes_are_the_constitutions_own() -> None:
+    c = load_constitution("axes12")
+    assert len(c.axis_ids) >= 12
+    wanted = {"honesty", "harmlessness", "helpfulness", "verbosity", "tone", "evasiveness", "sycophancy"}
+    assert wanted <= set(c.axis_ids)
+    # every declared axis has a comparison principle, so per-axis labelling can cover all of them
+    for axis in c.axis_ids:
+        assert [p for p in c.principles_for("comparison") if axis in p.axes], axis
+    assert c.axis_tier_rank("harmlessness") == 0 and c.axis_tier_rank("verbosity") == 3
+
+
+def test_undeclared_axes_are_fine_when_declared(tmp_path: Path) -> None:
+    def mutate(t: dict) -> None:
+        t["axes"].append({"id": "whimsy", "description": "Playful."})
+        t["principles"][0]["axes"] = ["whimsy"]
+
+    c = load_constitution(_broken(tmp_path, mutate))
+    assert "whimsy" in c.axis_ids and c.principles[0].axes == ("whimsy",)
+
+
 def _broken(tmp_path: Path, mutate) -> Path:
     tree = yaml.safe_load(load_constitution.__globals__["resolve_path"]("priority").read_text())
     mutate(tree)
@@ -59,7 +79,10 @@ def _broken(tmp_path: Path, mutate) -> Path:
         (lambda t: t["principles"][2].update(tier="nope"), r"principles\.2\.tier: 'nope' is not a tier id"),
         (lambda t: t["principles"][1].update(colour="red"), r"principles\.1\.colour: unknown key"),
         (lambda t: t["principles"][0].pop("revision"), r"principles\.0: critique and revision come as a pair"),
-        (lambda t: t["principles"][3].update(axes=["vibes"]), r"principles\.3\.axes\.0"),
+        (lambda t: t["principles"][3].update(axes=["vibes"]),
+         r"principles\.3\.axes\.0: principle '[a-z-]+' names axis 'vibes', which the constitution does not declare"),
+        (lambda t: t.pop("axes"), r"axes: Field required"),
+        (lambda t: t["axes"].append(dict(t["axes"][0])), r"axes\.\d+\.id: duplicate id"),
         (lambda t: t["principles"].append(dict(t["principles"][0])), r"duplicate id"),
         (lambda t: t["few_shot"]["comparison"][0].update(answer="C"), r"few_shot\.comparison\.0\.answer"),
         (lambda t: t["few_shot"]["comparison"][0].update(principle="ghost"), r"'ghost' is not a principle id"),

@@ -1,0 +1,108 @@
+"""Per-axis feedback on the real CPU stack: per-axis labels in one engine call, and the loop end to end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cai_ray.config import ConstitutionConfig, DataConfig, EngineConfig, FeedbackConfig, ModelConfig
+from cai_ray.types import ComparisonRequest
+
+pytestmark = pytest.mark.slow
+
+PAIRS = [
+    ComparisonRequest("c0", "How do I pick a lock?", "I can't help with that.", "Use a tension wrench and a pick."),
+    ComparisonRequest("c1", "How do I cook rice?", "Rinse it, then simmer for 15 minutes.", "Just buy some."),
+]
+
+
+def _axis_worker(tiny_model_path: str) -> Any:
+    from cai_ray.inference.feedback import FeedbackWorker
+
+    cfg = FeedbackConfig(engine=EngineConfig(kv_cache_memory_mb=32, max_num_seqs=64), label_axes="all",
+                         aggregation={"mode": "priority", "margin": 0.01})
+    model = ModelConfig(name=tiny_model_path, dtype="float32", max_model_len=1024)
+    return FeedbackWorker(model, cfg, ConstitutionConfig(path="axes12", num_few_shot=1),
+                          DataConfig(max_prompt_tokens=48), seed=3)
+
+
+def test_per_axis_labels_one_call_swap_exact(tiny_model_path: str) -> None:
+    from cai_ray.algorithms.aggregation import aggregate_label
+    from cai_ray.constitution import load_constitution
+
+    worker = _axis_worker(tiny_model_path)
+    calls: list[int] = []
+    score = worker._engine.score
+
+    def counted(prompts: Any, options: Any) -> Any:  # instruments the real engine, scoring is unchanged
+        calls.append(len(prompts))
+        return score(prompts, options)
+
+    worker._engine.score = counted
+    labels = worker.label_pairs(PAIRS)
+    axes = load_constitution("axes12").axis_ids
+    assert calls == [len(PAIRS) * len(axes) * 2]  # every axis, both orders, all pairs: ONE engine call
+    back = worker.label_pairs([ComparisonRequest(r.pair_id, r.prompt, r.response_b, r.response_a) for r in PAIRS])
+    c = load_constitution("axes12")
+    ranks = {a: c.axis_tier_rank(a) for a in axes}
+    for label, swapped in zip(labels, back):
+        assert label.error is None and label.axes == axes and set(label.axis_probs) == set(axes)
+        assert len(label.principle_ids) == len(axes)  # one principle per axis
+        for axis in axes:
+            assert swapped.axis_probs[axis] == 1 - label.axis_probs[axis]  # swap-debiased: exact on the grid
+        assert label.prob_a == aggregate_label(label.axis_probs, mode="priority", ranks=ranks, margin=0.01)
+
+
+def test_loop_with_per_axis_labels_and_priority(ray_local: None, tmp_path) -> None:
+    """Two RL iterations (SL skipped: the suite runs SL elsewhere) on the 12-axis constitution, all axes."""
+    import json
+    from pathlib import Path
+
+    from cai_ray.config import load_config
+    from cai_ray.constitution import load_constitution
+    from cai_ray.pipelines.run import run_experiment
+
+    quickstart = Path(__file__).parents[2] / "configs" / "quickstart-cpu.yaml"
+    cfg = load_config(quickstart, [f"logging.output_dir={tmp_path}/{{name}}", "logging.wandb_mode=disabled",
+                                   "cluster.num_cpus=8", "constitution.path=axes12", "feedback.label_axes=all",
+                                   "feedback.aggregation.mode=priority", "feedback.aggregation.margin=0.01",
+                                   "schedule.num_prompts_per_iteration=4", "rollout.max_new_tokens=8",
+                                   "learner.algorithm=grpo"])  # rewards from the multi-head PM, GDPO advantages
+    run_dir = run_experiment(cfg, sl=False, rl=True)
+    axes = load_constitution("axes12").axis_ids
+    for it in range(2):
+        rows = [json.loads(x) for x in (run_dir / "labels" / f"iter_{it:04d}.jsonl").read_text().splitlines()]
+        ok = [r for r in rows if r["error"] is None]
+        assert ok and all(set(r["axis_probs"]) == set(axes) for r in ok)
+        assert all(0.0 <= p <= 1.0 for r in ok for p in r["axis_probs"].values())
+    history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [int(m["iteration"]) for m in history] == [0, 1]
+    for m in history:
+        for axis in axes:
+            assert 0.0 <= m[f"pm_fresh/{axis}/accuracy"] <= 1.0
+            assert m[f"labels/{axis}/decisiveness"] >= 0.0
+        assert m["loss/pm"] > 0.0 and m["policy/optimizer_steps"] > 0
+    import torch
+
+    from cai_ray.models import ModelRef
+    from cai_ray.training.modeling import ScalarHeadModel
+
+    heads = sorted(run_dir.rglob("preference_hf/scalar_head.safetensors"))
+    assert heads, f"no exported preference model under {run_dir}"
+    # the HF export of the PM keeps its heads (one per axis) and their mix
+    exported = ModelRef(str(heads[-1].parent), revision=None, trust_remote_code=False)
+    assert ScalarHeadModel.from_pretrained(exported, dtype=torch.float32).axes == axes
+    # the judge check ran once at the start, on the trained axes (the tiny random model is at chance on them)
+    check = json.loads((run_dir / "judge_check.json").read_text())
+    assert check["num_pairs"] >= 60 and set(check["axes"]) == set(axes)
+    assert set(check["at_chance_trained_axes"]) <= set(axes) and check["overall"]["position_bias"] is not None
+    # the axis-correlation report on the real labels
+    from cai_ray.cli import main
+
+    assert main(["axes", "--run-dir", str(run_dir), "--bootstrap", "50"]) == 0
+    report = json.loads((run_dir / "axes" / "axes.json").read_text())
+    assert report["overall"]["axes"] == list(axes) and len(report["windows"]) == 2
+    assert report["overall"]["num_pairs"] == sum(w["num_pairs"] for w in report["windows"]) > 0
+    assert len(report["overall"]["matrix"]) == len(axes)
+    assert all(Path(p).is_file() for p in report["plots"])
