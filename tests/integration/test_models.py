@@ -93,11 +93,13 @@ LOADERS = textwrap.dedent("""
     ref = ModelRef.of(model)
 
     def vllm():
-        from cai_ray.backend import apply_process_env, detect
-        apply_process_env(detect().device)  # as the engine actors do: the engine in this process
+        from cai_ray.backend import apply_env, decide
+        from cai_ray.config import ResourcesConfig
+        backend = decide("rollout", ResourcesConfig())
+        apply_env(backend)  # as the engine actors do: the engine in this process
         from vllm import LLM
         from cai_ray.inference.engine import engine_args
-        llm = LLM(**engine_args(model, EngineConfig(kv_cache_memory_mb=16, max_num_seqs=2), seed=0))
+        llm = LLM(**engine_args(model, EngineConfig(kv_cache_memory_mb=16, max_num_seqs=2), backend=backend, seed=0))
         return llm.llm_engine.model_config.hf_config, llm.get_tokenizer()
 
     def scalar_head():
