@@ -22,6 +22,8 @@ restored exactly on resume. The rules that need a model (similarity) are passed 
 
 from __future__ import annotations
 
+import abc
+
 import importlib.util
 import math
 import random
@@ -116,15 +118,15 @@ def draw_red_team_prompts(dataset: Sequence[Prompt], archive: Sequence[Attack], 
 
 
 # ------------------------------------------------------------------------------------ similarity
-class Similarity:
+class Similarity(abc.ABC):
     """Similarity in [0, 1] (1: the same text) with a near-duplicate threshold; subclasses define :meth:`scores`."""
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
 
+    @abc.abstractmethod
     def scores(self, text: str, others: Sequence[str]) -> list[float]:
         """Similarity of ``text`` to each of ``others``."""
-        raise NotImplementedError
 
     def near_duplicate(self, text: str, others: Sequence[str]) -> bool:
         """Whether ``text`` is at least ``threshold`` similar to any of ``others``."""

@@ -13,8 +13,8 @@ parameters are partitioned and every forward is a collective); under stage 0-2 i
 Gradient accumulation is driven by the caller (``set_gradient_accumulation_boundary``), so the ds_config
 always says ``gradient_accumulation_steps = 1``.
 
-Resuming unpickles nothing: DeepSpeed's ``load_checkpoint`` calls ``torch.load(weights_only=False)``, so
-:func:`load_checkpoint` first checks every state file for types outside DeepSpeed's own few (naming the
+Resuming unpickles nothing: DeepSpeed's ``load_checkpoint`` would unpickle its state files (it turns torch's
+weights-only mode off), so :func:`load_checkpoint` first checks every state file for types outside DeepSpeed's own few (naming the
 file), then runs DeepSpeed's loader with ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``, which torch honours over an
 explicit ``weights_only=False``; the variable is set only for the duration of the load.
 """
