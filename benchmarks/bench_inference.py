@@ -90,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from cai_ray.backend import decide
     from cai_ray.constitution import comparison_prompt, load_constitution, render_chat
     from cai_ray.data import load_prompts
-    from cai_ray.inference.engine import engine_args, stable_seed
+    from cai_ray.inference.engine import engine_args
+    from cai_ray.seeds import stable_seed
     from cai_ray.inference.feedback import option_continuations, start_feedback_pool
     from cai_ray.inference.labels import option_probability, preference_label
     from cai_ray.inference.rollout import start_rollout_workers

@@ -89,7 +89,7 @@ class ConstitutionJudge:
 
     def __call__(self, prompts: list[Any], completions: list[Any], user_text: list[str], **_: Any) -> list[float]:
         from cai_ray.constitution import comparison_prompt
-        from cai_ray.inference.engine import stable_seed
+        from cai_ray.seeds import stable_seed
         from cai_ray.inference.labels import option_probability, preference_label
 
         b = len(prompts) // 2

@@ -1,4 +1,4 @@
-"""Prompt datasets: shipped JSONL splits, user JSONL/Parquet files, or HF datasets; into Ray Data.
+"""Prompt datasets: shipped JSONL splits, user JSONL/Parquet files, or HF datasets.
 
 Every row becomes a :class:`PromptRecord`. A bad row (not JSON, no prompt, empty prompt) is an error
 that names the file and the line, so nothing is silently dropped.
@@ -10,6 +10,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from cai_ray.config import DatasetConfig
+from cai_ray.types import Prompt
 
 SHIPPED_DIR = Path(__file__).parent / "data"
 
@@ -111,11 +114,14 @@ def load_prompts(path: str, *, prompt_field: str = "prompt", id_field: str | Non
     return records
 
 
-def to_ray_dataset(records: list[PromptRecord]):  # -> ray.data.Dataset
-    """The records as a Ray Dataset (columns id, prompt, and meta as JSON text)."""
-    import ray.data
+def read_dataset(ds: DatasetConfig) -> list[PromptRecord]:
+    """The rows of one dataset section of the config (``data.red_team``, ``red_team.seeds``, ...)."""
+    return load_prompts(ds.path, prompt_field=ds.prompt_field, id_field=ds.id_field, max_rows=ds.max_rows)
 
-    return ray.data.from_items([{"id": r.id, "prompt": r.prompt, "meta": json.dumps(r.meta)} for r in records])
+
+def read_prompts(ds: DatasetConfig) -> list[Prompt]:
+    """The prompts (id and text) of one dataset section of the config."""
+    return [Prompt(r.id, r.prompt) for r in read_dataset(ds)]
 
 
 def write_jsonl(rows: list[dict[str, Any]] | list[Any], path: str | Path) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import ray
@@ -92,6 +92,39 @@ def spawn(cls: type[T], *args: Any, role: str, resources: ResourcesConfig, pg: P
     if pg is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index)
     return ray.remote(cls).options(**options).remote(*args, **kwargs)
+
+
+def start_actors(cls: type, *, role: str, resources: ResourcesConfig, cluster: ClusterConfig, names: Sequence[str],
+                 args: Callable[[int], tuple[tuple[Any, ...], dict[str, Any]]],
+                 max_restarts: int = 0) -> tuple[list[Any], PlacementGroup]:
+    """Start one ``cls`` actor per name in one placement group and wait until every constructor has finished.
+
+    ``args(i)`` gives actor i's constructor (args, kwargs); each actor gets a ``resources`` bundle, placed by
+    ``cluster.placement_strategy``. If the group is not scheduled, an actor fails to start or any wait misses
+    its deadline, the actors already started are killed and the group released before the error propagates.
+    Stop a started group with :func:`stop_actors`.
+    """
+    pg = reserve([bundle(resources)] * len(names), strategy=cluster.placement_strategy, timeout=cluster.placement,
+                 name=role)
+    actors: list[Any] = []
+    try:
+        for i in range(len(names)):
+            a, kw = args(i)
+            actors.append(spawn(cls, *a, **kw, role=role, resources=resources, pg=pg, bundle_index=i,
+                                max_restarts=max_restarts))
+        wait_started(actors, names=names, decision=decide(role, resources), timeout=cluster.startup)
+    except BaseException:
+        stop_actors(actors, pg)
+        raise
+    return actors, pg
+
+
+def stop_actors(actors: Sequence[Any], pg: PlacementGroup | None) -> None:
+    """Kill ``actors`` (no restart) and release their placement group (None: actors outside any group)."""
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+    if pg is not None:
+        remove_placement_group(pg)
 
 
 def wait_started(actors: Sequence[Any], *, names: Sequence[str], decision: RoleBackend,

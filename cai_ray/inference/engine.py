@@ -23,12 +23,11 @@ the data config. The engine only receives :class:`ModelConfig` and :class:`Engin
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from cai_ray.backend import RoleBackend, apply_env, decide
+from cai_ray.backend import RoleBackend, apply_env
 from cai_ray.config import EngineConfig, ModelConfig
 from cai_ray.models import ModelRef
 from cai_ray.sync import GroupSpec, ObjectStoreBucket, SyncTimings, receive_from_object_store, receive_into
@@ -52,11 +51,6 @@ class Completion:
     text: str
     logprobs: tuple[float, ...]  # [R] raw log-prob of each sampled token
     finish_reason: str  # "stop" | "length" | "abort"
-
-
-def stable_seed(*parts: object) -> int:
-    """A seed from ``parts`` that is the same in every process (Python's ``hash`` is salted per process)."""
-    return zlib.crc32(":".join(str(p) for p in parts).encode("utf-8"))
 
 
 def fit_prompt(token_ids: Sequence[int], *, max_tokens: int, overlong: Literal["truncate", "reject"],
@@ -264,12 +258,9 @@ def start_engine_actors(cls: type, *, role: str, num_workers: int, engine: Engin
     ``args(i)`` gives actor i's constructor (args, kwargs). Each actor's bundle is ``resources``; a pending
     group is what asks an autoscaler for nodes. Tensor parallelism runs inside one actor, so its bundle must
     hold that many GPUs. An engine that cannot start (bad model, too little memory) fails here, by name, and
-    the actors already started are stopped.
+    the actors already started are stopped (:func:`cai_ray.launcher.start_actors`).
     """
-    import ray
-    from ray.util.placement_group import remove_placement_group
-
-    from cai_ray.launcher import bundle, reserve, spawn, wait_started
+    from cai_ray.launcher import start_actors
 
     tp = engine.tensor_parallel_size
     if tp > 1 and resources.num_gpus < tp:
@@ -277,19 +268,5 @@ def start_engine_actors(cls: type, *, role: str, num_workers: int, engine: Engin
             f"{role}.engine.tensor_parallel_size={tp} needs {role}.resources.num_gpus >= {tp} "
             f"(got {resources.num_gpus}); tensor parallelism runs inside one actor's bundle"
         )
-    pg = reserve([bundle(resources)] * num_workers, strategy=cluster.placement_strategy,
-                 timeout=cluster.placement, name=role)
-    workers = []
-    try:
-        for i in range(num_workers):
-            a, kw = args(i)
-            workers.append(spawn(cls, *a, **kw, role=role, resources=resources, pg=pg, bundle_index=i,
-                                 max_restarts=max_restarts))
-        wait_started(workers, names=[f"{role} worker {i}" for i in range(num_workers)],
-                     decision=decide(role, resources), timeout=cluster.startup)
-    except BaseException:
-        for w in workers:
-            ray.kill(w, no_restart=True)
-        remove_placement_group(pg)
-        raise
-    return workers, pg
+    return start_actors(cls, role=role, resources=resources, cluster=cluster, max_restarts=max_restarts, args=args,
+                        names=[f"{role} worker {i}" for i in range(num_workers)])

@@ -65,10 +65,10 @@ from cai_ray.inference.engine import (
     EngineWeights,
     PromptRejected,
     fit_prompt,
-    stable_seed,
     start_engine_actors,
 )
 from cai_ray.inference.labels import RATINGS, clamp, expected_rating_score, mean, option_probability, preference_label
+from cai_ray.seeds import stable_seed
 from cai_ray.sync import object_store_send, rebucket
 from cai_ray.types import (
     ComparisonRequest,
@@ -623,14 +623,10 @@ class FeedbackPool:
 
     def shutdown(self) -> None:
         """Kill the workers and release their placement group."""
-        import ray
-        from ray.util.placement_group import remove_placement_group
+        from cai_ray.launcher import stop_actors
 
-        for w in self.workers:
-            ray.kill(w, no_restart=True)
+        stop_actors(self.workers, self._pg)
         self._late.calls.clear()
-        if self._pg is not None:
-            remove_placement_group(self._pg)
 
     # ------------------------------------------------------------------------------ dispatch
     def _map(self, items: list[T], call: Callable[[Any, list[T]], Any], failed: Callable[[list[T], str], R], *,

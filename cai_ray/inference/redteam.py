@@ -22,8 +22,9 @@ from typing import Any
 from cai_ray.backend import enter_role
 from cai_ray.config import ClusterConfig, Deadline, ModelConfig, RedTeamConfig
 from cai_ray.constitution import render_chat
-from cai_ray.inference.engine import Engine, stable_seed, start_engine_actors
+from cai_ray.inference.engine import Engine, start_engine_actors
 from cai_ray.redteam_archive import Similarity
+from cai_ray.seeds import stable_seed
 from cai_ray.types import AttackProposal, AttackRequest
 
 FILTER_REASONS = ("error", "empty", "overlong", "refusal", "copy", "repeat")
@@ -169,12 +170,9 @@ class RedTeamWorkers:
 
     def shutdown(self) -> None:
         """Kill the actors and release their placement group."""
-        import ray
-        from ray.util.placement_group import remove_placement_group
+        from cai_ray.launcher import stop_actors
 
-        for w in self.workers:
-            ray.kill(w, no_restart=True)
-        remove_placement_group(self.placement_group)
+        stop_actors(self.workers, self.placement_group)
 
 
 def start_red_team_workers(model: ModelConfig, red_team: RedTeamConfig, cluster: ClusterConfig, *,

@@ -21,9 +21,9 @@ from cai_ray.inference.engine import (
     EngineWeights,
     PromptRejected,
     fit_prompt,
-    stable_seed,
     start_engine_actors,
 )
+from cai_ray.seeds import stable_seed
 from cai_ray.types import Prompt, RejectedItem, RolloutBatch, Sample
 
 if TYPE_CHECKING:
@@ -87,12 +87,9 @@ class RolloutWorkers:
 
     def shutdown(self) -> None:
         """Kill the actors and release their placement group."""
-        import ray
-        from ray.util.placement_group import remove_placement_group
+        from cai_ray.launcher import stop_actors
 
-        for w in self.workers:
-            ray.kill(w, no_restart=True)
-        remove_placement_group(self.placement_group)
+        stop_actors(self.workers, self.placement_group)
 
 
 def start_rollout_workers(model: ModelConfig, rollout: RolloutConfig, data: DataConfig, cluster: ClusterConfig,

@@ -33,9 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cai_ray.config import AttackStyleConfig, ConfigError, DatasetConfig, RedTeamConfig
-from cai_ray.data import PromptRecord, load_prompts, write_jsonl
+from cai_ray.data import PromptRecord, read_dataset, write_jsonl
 from cai_ray.evaluation import HARMFUL_QUESTION
-from cai_ray.inference.engine import stable_seed
 from cai_ray.inference.redteam import FILTER_REASONS, Candidate, RedTeamWorkers, screen
 from cai_ray.launcher import RemoteCallError
 from cai_ray.metrics import Metrics, PhaseTimer, keep_rows_before, read_metrics
@@ -52,6 +51,7 @@ from cai_ray.redteam_archive import (
     Similarity,
     make_similarity,
 )
+from cai_ray.seeds import stable_seed
 from cai_ray.types import AttackProposal, AttackRequest, JudgeRequest, Judgement, Prompt, RolloutBatch, Sample
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,7 @@ class RedTeam:
         self._cfg, self._seed, self._dir = cfg, seed, run_dir / "red_team"
         self._setup: _Setup | None = None
         if cfg.enabled:
-            records = load_prompts(seeds.path, prompt_field=seeds.prompt_field, id_field=seeds.id_field,
-                                   max_rows=seeds.max_rows)
+            records = read_dataset(seeds)
             categories = resolve_categories(cfg, records, seeds.path)
             self._setup = _Setup(categories, examples_by_category(records, categories, cfg.category_field),
                                  make_similarity(cfg.similarity, cfg.similarity_threshold),

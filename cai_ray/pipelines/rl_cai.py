@@ -29,15 +29,13 @@ from contextlib import ExitStack, contextmanager
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from cai_ray.algorithms.preference import preference_loss
 from cai_ray.config import ExperimentConfig
-from cai_ray.data import load_prompts, write_jsonl
-from cai_ray.inference.engine import stable_seed
+from cai_ray.data import read_prompts, write_jsonl
 from cai_ray.metrics import Metrics, MetricsWriter, PhaseTimer
 from cai_ray.pipelines.checkpoint import (
     LoopState,
@@ -49,6 +47,7 @@ from cai_ray.pipelines.checkpoint import (
 from cai_ray.pipelines.red_team import RedTeam
 from cai_ray.pipelines.roles import PendingRollout, Roles, start_roles
 from cai_ray.redteam_archive import Attack, draw_red_team_prompts
+from cai_ray.seeds import stable_seed
 from cai_ray.training.group import LearnerGroup
 from cai_ray.types import (
     ComparisonRequest,
@@ -314,11 +313,7 @@ def save_checkpoint(learner: LearnerGroup, state: LoopState, run_dir: Path, cfg:
 
 # -------------------------------------------------------------------------------------- helpers
 def _prompt_pool(cfg: ExperimentConfig) -> dict[str, list[Prompt]]:
-    def read(ds: Any) -> list[Prompt]:
-        return [Prompt(r.id, r.prompt) for r in load_prompts(ds.path, prompt_field=ds.prompt_field,
-                                                              id_field=ds.id_field, max_rows=ds.max_rows)]
-
-    return {"red_team": read(cfg.data.red_team), "helpful": read(cfg.data.helpful)}
+    return {"red_team": read_prompts(cfg.data.red_team), "helpful": read_prompts(cfg.data.helpful)}
 
 
 def _iteration_prompts(cfg: ExperimentConfig, pool: dict[str, list[Prompt]], iteration: int, *,

@@ -15,10 +15,10 @@ from typing import Any
 
 from cai_ray import launcher
 from cai_ray.config import ExperimentConfig
-from cai_ray.inference.engine import stable_seed
 from cai_ray.inference.feedback import FeedbackPool, start_feedback_pool
 from cai_ray.inference.redteam import RedTeamWorkers, start_red_team_workers
 from cai_ray.inference.rollout import RolloutWorkers, start_rollout_workers
+from cai_ray.seeds import stable_seed
 from cai_ray.sync import WeightSync
 from cai_ray.training.group import LearnerGroup
 from cai_ray.training.learner import LearnerRoles

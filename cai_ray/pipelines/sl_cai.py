@@ -15,8 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from cai_ray.config import ExperimentConfig
-from cai_ray.data import load_prompts, write_jsonl
-from cai_ray.inference.engine import stable_seed
+from cai_ray.data import read_prompts, write_jsonl
+from cai_ray.seeds import stable_seed
 from cai_ray.types import Prompt
 
 
@@ -54,12 +54,8 @@ def sl_cai(cfg: ExperimentConfig, run_dir: Path) -> str:
 
 
 def _prompts(cfg: ExperimentConfig) -> tuple[list[Prompt], list[Prompt]]:
-    def read(ds) -> list[Prompt]:  # noqa: ANN001 - a DatasetConfig
-        return [Prompt(r.id, r.prompt) for r in load_prompts(ds.path, prompt_field=ds.prompt_field,
-                                                              id_field=ds.id_field, max_rows=ds.max_rows)]
-
     rng = random.Random(stable_seed(cfg.seed, "sl-prompts"))
-    red, helpful = read(cfg.data.red_team), read(cfg.data.helpful)
+    red, helpful = read_prompts(cfg.data.red_team), read_prompts(cfg.data.helpful)
     return rng.sample(red, min(cfg.sl.num_red_team_prompts, len(red))), rng.sample(helpful, len(helpful))
 
 

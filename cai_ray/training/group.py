@@ -17,10 +17,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ray
-from ray.util.placement_group import remove_placement_group
 
 from cai_ray import launcher
-from cai_ray.backend import decide
 from cai_ray.config import ClusterConfig, Deadline, LearnerConfig, ModelsConfig
 from cai_ray.training.learner import CRITIC_FREE_ESTIMATORS, LearnerRoles, LearnerWorker, Metrics
 from cai_ray.training.modeling import group_size, shard
@@ -41,18 +39,11 @@ class LearnerGroup:
         self.roles = roles or LearnerRoles.for_algorithm(learner.algorithm)
         n = learner.num_ranks
         self.names = [f"learner rank {i}" for i in range(n)]
-        self._pg = launcher.reserve([launcher.bundle(learner.resources)] * n, strategy=cluster.placement_strategy,
-                                    timeout=cluster.placement, name="learner")
-        self._ranks: list[Any] = []
+        self._ranks, self._pg = launcher.start_actors(
+            LearnerWorker, role="learner", resources=learner.resources, cluster=cluster, names=self.names,
+            args=lambda i: ((), {"rank": i, "world_size": n, "learner": learner, "models": models, "seed": seed,
+                                 "roles": self.roles}))
         try:
-            self._ranks = [
-                launcher.spawn(LearnerWorker, rank=i, world_size=n, learner=learner, models=models, seed=seed,
-                               roles=self.roles, role="learner", resources=learner.resources, pg=self._pg,
-                               bundle_index=i)
-                for i in range(n)
-            ]
-            launcher.wait_started(self._ranks, names=self.names, decision=decide("learner", learner.resources),
-                                  timeout=cluster.startup)
             addr, port = launcher.get(self._ranks[0].open_rendezvous.remote(), timeout=cluster.startup,
                                       what="learner rank 0: open_rendezvous")
             self.rank_info = self._all("setup", addr, port, timeout=cluster.startup)
@@ -187,12 +178,8 @@ class LearnerGroup:
 
     def shutdown(self) -> None:
         """Kill the rank actors and release their placement group."""
-        for actor in self._ranks:
-            ray.kill(actor, no_restart=True)
-        self._ranks = []
-        if self._pg is not None:
-            remove_placement_group(self._pg)
-            self._pg = None
+        launcher.stop_actors(self._ranks, self._pg)
+        self._ranks, self._pg = [], None
 
 
 def _require_rewards(seqs: Sequence[TrainSequence]) -> None:
