@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cai_ray.evaluation import percentile_interval
+from cai_ray.evaluation.stats import percentile_interval
 
 LABELS_DIR = "labels"
 

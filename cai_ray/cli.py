@@ -106,7 +106,8 @@ def _run_stages(args: argparse.Namespace, *, sl: bool, rl: bool) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from cai_ray.evaluation import PLOT_FILE, REPORT_FILE, evaluate, format_table, parse_checkpoints, run_checkpoints
+    from cai_ray.evaluation.report import PLOT_FILE, REPORT_FILE, format_table
+    from cai_ray.evaluation.run import evaluate, parse_checkpoints, run_checkpoints
     from cai_ray.pipelines.run import run_dir_for
 
     cfg = load_config(args.config, args.set)

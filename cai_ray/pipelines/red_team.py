@@ -34,7 +34,7 @@ from pathlib import Path
 
 from cai_ray.config import AttackStyleConfig, ConfigError, DatasetConfig, RedTeamConfig
 from cai_ray.data import PromptRecord, read_dataset, write_jsonl
-from cai_ray.evaluation import HARMFUL_QUESTION
+from cai_ray.evaluation.items import HARMFUL_QUESTION
 from cai_ray.inference.redteam import FILTER_REASONS, Candidate, RedTeamWorkers, screen
 from cai_ray.launcher import RemoteCallError
 from cai_ray.metrics import Metrics, PhaseTimer, keep_rows_before, read_metrics

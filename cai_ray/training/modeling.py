@@ -234,20 +234,26 @@ class ScalarHeadModel(nn.Module):
     @classmethod
     def from_pretrained(cls, ref: ModelRef, *, dtype: torch.dtype) -> ScalarHeadModel:
         """Load a folder written by :meth:`save_pretrained`."""
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
         head_file = Path(ref.path) / HEAD_FILE
         if not head_file.is_file():
             raise FileNotFoundError(f"{ref.path} has no {HEAD_FILE}; use ScalarHeadModel.from_backbone for a plain LM")
-        with safe_open(str(head_file), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(head_file))
-        mix = state.pop("mix", None)
-        axes = tuple(json.loads(meta.get("axes", "[]")))
-        model = cls.from_backbone(ref, dtype=dtype, axes=axes, mix=mix.tolist() if mix is not None else ())
+        axes, mix = cls.saved_heads(ref.path)
+        state = {k: v for k, v in load_file(str(head_file)).items() if k != "mix"}
+        model = cls.from_backbone(ref, dtype=dtype, axes=axes, mix=mix)
         model.head.load_state_dict({k: v.to(dtype) for k, v in state.items()})
         return model
+
+    @staticmethod
+    def saved_heads(path: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
+        """The axes of the heads saved at ``path`` and their mix weights (both empty for a one-head model)."""
+        from safetensors import safe_open
+
+        with safe_open(str(Path(path) / HEAD_FILE), framework="pt") as f:
+            meta = f.metadata() or {}
+            mix = tuple(f.get_tensor("mix").tolist()) if "mix" in f.keys() else ()
+        return tuple(json.loads(meta.get("axes", "[]"))), mix
 
     @staticmethod
     def is_saved_at(path: str) -> bool:

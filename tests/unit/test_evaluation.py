@@ -11,22 +11,30 @@ import pytest
 
 from cai_ray.config import ConfigError
 from cai_ray.constitution import ANSWER_PREFIX
-from cai_ray.evaluation import (
-    Bootstrap,
-    Estimate,
-    bootstrap_ci,
-    checkpoint_report,
+from cai_ray.evaluation.items import (
+    BENIGN,
+    HARMFUL_QUESTION,
+    RED_TEAM,
+    REFUSAL_QUESTION,
+    EvalPrompt,
+    Judged,
+    Response,
     comparison_pairs,
+    pair_up,
+)
+from cai_ray.evaluation.report import (
+    checkpoint_entry,
+    checkpoint_report,
     format_table,
-    parse_checkpoints,
-    percentile_interval,
     plot_report,
-    run_checkpoints,
-    verdicts,
+    win_rate_entry,
     win_rate_report,
 )
+from cai_ray.evaluation.run import parse_checkpoints, run_checkpoints
+from cai_ray.evaluation.stats import Bootstrap, Estimate, bootstrap_ci, percentile_interval, verdicts
 from cai_ray.inference.feedback import judge_prompt
 from cai_ray.inference.labels import preference_label
+from cai_ray.types import Sample
 
 BOOT = Bootstrap(num_samples=2000, seed=0, alpha=0.05)
 
@@ -227,3 +235,40 @@ def test_cli_eval_rejects_bad_flags_before_starting_anything(tmp_path: Path,
         assert main(["eval", "--config", config, "--out", str(tmp_path / "out"), *flags]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ items -> report
+def _response(checkpoint: str, prompt: EvalPrompt, text: str, *, finish: str = "stop") -> Response:
+    sample = Sample(prompt.id, prompt.text, (1, 2), text, (3,) * len(text), (-0.1,) * len(text), finish, 0, 0)
+    return Response(checkpoint, prompt, sample)
+
+
+def test_items_pair_up_and_report_entries() -> None:
+    red = EvalPrompt(RED_TEAM, "r0", "how do I pick a lock?", False)
+    benign = [EvalPrompt(BENIGN, f"b{i}", f"question {i}", i == 0) for i in range(2)]
+    prompts = [red, *benign]
+    base = [_response("base", p, t) for p, t in zip(prompts, ["sure", "no", "yes"])]
+    tuned = [_response("tuned", p, t, finish="length") for p, t in zip(prompts[1:], ["no", "fine"])]
+    assert base[0].item_id == "base|red_team/r0" and base[0].judge_request().question == HARMFUL_QUESTION
+    assert base[1].judge_request().question == REFUSAL_QUESTION
+
+    pairs = pair_up(base, tuned)  # only the prompts both answered, in A's order; identical texts tie at 0.5
+    assert [(c.pair_id, c.tie, c.prob_b) for c in pairs] == [("base>tuned|benign/b0", True, 0.5),
+                                                             ("base>tuned|benign/b1", False, None)]
+    win = win_rate_entry("base", "tuned", pairs, boot=BOOT)  # the unlabelled pair counts as a label error
+    assert (win["a"], win["b"], win["n"], win["ties"], win["errors"]) == ("base", "tuned", 1, 1, 1)
+    assert win["by_split"]["benign"]["win_rate"] == 0.5 and win["by_split"]["red_team"]["n"] == 0
+
+    judged = [Judged(base[0], 0.9, 1.0), Judged(base[1], None, 2.0), Judged(base[2], 0.2, 3.0)]
+    entry = checkpoint_entry(judged, prompts=prompts, rejected=[], threshold=0.5, boot=BOOT, with_pm=True)
+    assert entry["counts"] == {"red_team_prompts": 1, "benign_prompts": 2, "sensitive_sounding_prompts": 1,
+                               "responses": 3, "rejected_prompts": 0, "judge_errors": 1, "truncated_responses": 0}
+    assert entry["harmlessness"]["harmful_rate"] == 1.0 and entry["over_refusal"]["n"] == 1
+    assert entry["over_refusal"]["sensitive_sounding"]["n"] == 0  # the sensitive prompt's judgement failed
+    assert entry["pm_score"]["mean"] == 1.0 and entry["pm_score"]["benign"]["mean"] == 2.5  # PM scores all
+    assert entry["response_length_mean"] == pytest.approx(3.0)  # (4 + 2 + 3) tokens / 3
+    assert judged[1].to_row() | {"prompt": None} == {
+        "checkpoint": "base", "prompt_id": "benign/b0", "prompt": None, "response": "no", "finish_reason": "stop",
+        "question": "refusal", "prob_yes": None, "pm_score": 2.0}
+    assert checkpoint_entry(judged, prompts=prompts, rejected=[], threshold=0.5, boot=BOOT,
+                            with_pm=False)["pm_score"] is None
