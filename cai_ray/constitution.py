@@ -13,7 +13,6 @@ Everything goes through the model's chat template when it has one, else the pape
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -322,33 +321,3 @@ def cot_comparison_prompt(tokenizer: Any | None, constitution: Constitution, pri
     turns = _comparison_few_shot(constitution, num_few_shot, cot=True)
     turns.append({"role": "user", "content": _question(prompt, principle, response_a, response_b)})
     return render_chat(tokenizer, turns) + COT_TRIGGER
-
-
-@dataclass(frozen=True)
-class RenderedExample:
-    """One of each prompt kind, for the demo and docs."""
-
-    principle_id: str
-    critique: str
-    revision: str
-    comparison: str
-    cot_comparison: str
-
-
-def render_examples(tokenizer: Any | None, constitution: Constitution, *, prompt: str, response_a: str,
-                    response_b: str, seed: int, num_few_shot: int = 1) -> RenderedExample:
-    """Render all four prompt kinds for one prompt with principles drawn from ``seed``."""
-    rng = random.Random(seed)
-    crit = constitution.sample_principles(rng, "critique")[0]
-    comp = constitution.sample_principles(rng, "comparison")[0]
-    kw = dict(prompt=prompt, num_few_shot=num_few_shot)
-    return RenderedExample(
-        principle_id=f"{crit.id} / {comp.id}",
-        critique=critique_prompt(tokenizer, constitution, crit, response=response_a, **kw),
-        revision=revision_prompt(tokenizer, constitution, crit, response=response_a,
-                                 critique="(the critique the model wrote)", **kw),
-        comparison=comparison_prompt(tokenizer, constitution, comp, response_a=response_a, response_b=response_b,
-                                     **kw),
-        cot_comparison=cot_comparison_prompt(tokenizer, constitution, comp, response_a=response_a,
-                                             response_b=response_b, **kw),
-    )

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cai_ray.algorithms.preference import preference_loss
+from cai_ray.algorithms.preference import calibration_metrics, preference_loss
 from cai_ray.config import ExperimentConfig
 from cai_ray.data import read_prompts, write_jsonl
 from cai_ray.metrics import Metrics, MetricsWriter, PhaseTimer
@@ -190,12 +190,14 @@ def pair_for_training(pair: tuple[Sample, Sample], label: PreferenceLabel) -> Tr
 
 
 def preference_accuracy(scores: Sequence[float], pairs: Sequence[TrainPair]) -> dict[str, float]:
-    """The preference model's accuracy / loss on labelled pairs, from its scores of [a0, b0, a1, b1, ...]."""
+    """The preference model's accuracy / loss / calibration (ECE, Brier) on labelled pairs, from its scores of
+    [a0, b0, a1, b1, ...]."""
     if not pairs:
         return {}
     r = torch.tensor(scores, dtype=torch.float32).view(-1, 2)
-    _, metrics = preference_loss(reward_a=r[:, 0], reward_b=r[:, 1],
-                                 prob_a=torch.tensor([p.prob_a for p in pairs], dtype=torch.float32))
+    prob_a = torch.tensor([p.prob_a for p in pairs], dtype=torch.float32)
+    _, metrics = preference_loss(reward_a=r[:, 0], reward_b=r[:, 1], prob_a=prob_a)
+    metrics |= calibration_metrics(pred_prob_a=torch.sigmoid(r[:, 0] - r[:, 1]), prob_a=prob_a)
     # "loss/pm" -> "pm_fresh/loss", "pm/accuracy" -> "pm_fresh/accuracy", ...
     return {k.replace("loss/pm", "pm/loss").replace("pm/", "pm_fresh/", 1): v for k, v in metrics.items()}
 

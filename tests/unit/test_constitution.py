@@ -11,10 +11,14 @@ import yaml
 from cai_ray.constitution import (
     ANSWER_PREFIX,
     COT_TRIGGER,
+    Constitution,
     ConstitutionError,
+    comparison_prompt,
+    cot_comparison_prompt,
+    critique_prompt,
     load_constitution,
     render_chat,
-    render_examples,
+    revision_prompt,
     shipped_constitutions,
 )
 
@@ -123,18 +127,30 @@ def test_render_without_chat_template_uses_human_assistant() -> None:
     assert text == "Human: hi\n\nAssistant:"
 
 
-def test_render_examples_deterministic_with_chat_template(tiny_model_path: str) -> None:
+def _render_all_kinds(tok: object, c: Constitution, *, seed: int) -> dict[str, str]:
+    """The four prompt kinds for one prompt, with principles drawn from ``seed`` (as the feedback worker does)."""
+    rng = random.Random(seed)
+    crit, comp = c.sample_principles(rng, "critique")[0], c.sample_principles(rng, "comparison")[0]
+    kw = dict(prompt="How do I pick a lock?", num_few_shot=1)
+    pair = dict(response_a="Here is how.", response_b="I can't help.")
+    return {"principle_id": f"{crit.id} / {comp.id}",
+            "critique": critique_prompt(tok, c, crit, response=pair["response_a"], **kw),
+            "revision": revision_prompt(tok, c, crit, response=pair["response_a"], critique="(a critique)", **kw),
+            "comparison": comparison_prompt(tok, c, comp, **pair, **kw),
+            "cot_comparison": cot_comparison_prompt(tok, c, comp, **pair, **kw)}
+
+
+def test_rendering_is_deterministic_with_chat_template(tiny_model_path: str) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
     c = load_constitution("harmless")
-    kw = dict(prompt="How do I pick a lock?", response_a="Here is how.", response_b="I can't help.")
-    first = render_examples(tok, c, seed=3, **kw)
-    assert first == render_examples(tok, c, seed=3, **kw)
-    assert first.comparison.endswith(ANSWER_PREFIX)
-    assert first.cot_comparison.endswith(COT_TRIGGER)
-    assert "<|im_start|>user" in first.critique and first.critique.endswith("Critique:")
-    assert "(A) Here is how." in first.comparison and "(B) I can't help." in first.comparison
+    first = _render_all_kinds(tok, c, seed=3)
+    assert first == _render_all_kinds(tok, c, seed=3)
+    assert first["comparison"].endswith(ANSWER_PREFIX)
+    assert first["cot_comparison"].endswith(COT_TRIGGER)
+    assert "<|im_start|>user" in first["critique"] and first["critique"].endswith("Critique:")
+    assert "(A) Here is how." in first["comparison"] and "(B) I can't help." in first["comparison"]
     # A few-shot transcript precedes the real conversation.
-    assert first.critique.count("Critique request:") == 2
-    assert any(render_examples(tok, c, seed=s, **kw).principle_id != first.principle_id for s in range(4, 9))
+    assert first["critique"].count("Critique request:") == 2
+    assert any(_render_all_kinds(tok, c, seed=s)["principle_id"] != first["principle_id"] for s in range(4, 9))

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from cai_ray.pipelines.rl_cai import EmptyIterationError, empty_iteration, nothing_to_train, sample_stats
+from cai_ray.pipelines.rl_cai import (
+    EmptyIterationError,
+    empty_iteration,
+    nothing_to_train,
+    preference_accuracy,
+    sample_stats,
+)
 from cai_ray.types import PreferenceLabel, RejectedItem, RolloutBatch, Sample, TrainPair
 
 
@@ -60,3 +66,14 @@ def test_staleness_is_counted_against_the_version_being_trained() -> None:
     samples = [_sample("a", 0, version=2), _sample("a", 1, version=3)]
     assert sample_stats(samples, current_version=3)["samples/staleness_max"] == 1.0
     assert sample_stats([], current_version=5)["samples/staleness_max"] == 0.0
+
+
+def test_preference_accuracy_on_fresh_labels_reports_calibration() -> None:
+    # scores [a0, b0, a1, b1] = [1, 0, 0, 1]: P(a better) = sigmoid(1) on pair 0 (label 1), sigmoid(-1) on pair 1
+    # (label 0); both miss by e = 1 - sigmoid(1) = 0.2689414 in different bins: ECE = e, Brier = e^2.
+    pairs = [TrainPair((1,), (2,), (3,), 1.0), TrainPair((1,), (2,), (3,), 0.0)]
+    metrics = preference_accuracy([1.0, 0.0, 0.0, 1.0], pairs)
+    assert metrics["pm_fresh/accuracy"] == 1.0
+    assert metrics["pm_fresh/ece"] == pytest.approx(0.2689414, abs=1e-6)
+    assert metrics["pm_fresh/brier"] == pytest.approx(0.2689414 ** 2, abs=1e-6)
+    assert preference_accuracy([], []) == {}
