@@ -2,27 +2,28 @@
 
 Same on both sides: the model (float32), each iteration's prompts (the loop's own draw), 2 responses per
 prompt (TRL's online DPO samples exactly 2), max new tokens, temperature 1.0, learning rate, DPO beta,
-gradient clip, seed, 1 CPU thread per worker, and the judge: the constitution's multiple-choice
-comparison ("(A)/(B)" with few-shot examples, one principle per pair drawn exactly as the feedback pool
-draws it, both presentation orders averaged), scored from the option tokens' log-probs (TRL's judge gives the
+gradient clip, seed, the whole machine (cai-ray: threads follow the layout, so each sync phase uses every
+core; TRL: torch's default thread count, every core; ``--trl-threads`` pins it), and the judge: the
+constitution's multiple-choice comparison ("(A)/(B)" with few-shot examples, one principle per pair drawn
+exactly as the feedback pool draws it, both presentation orders averaged), scored from the option tokens' log-probs (TRL's judge gives the
 FeedbackWorker's labels to 1e-10 on the tiny model: tests/integration/test_bench_suite.py checks it).
   cai-ray  ``rl_cai`` with learner.algorithm=dpo, schedule sync (and async): a vLLM rollout actor, the
-           FeedbackPool's labels, the preference-model update, a DeepSpeed DPO step, the weight sync.
+           FeedbackPool's labels, a DeepSpeed DPO step, the weight sync.
   TRL      ``trl.experimental.online_dpo.OnlineDPOTrainer``: HF ``generate`` in-process, the judge as a reward
            function on HF transformers in-process (a second copy of the model; it stays at the initial
            weights where cai-ray's self-labelling engine receives each update: the same compute), torch AdamW.
            Run with TRL's defaults (gradient checkpointing on, which also turns the KV cache off during
            generation) and with gradient checkpointing off; ratios
            are quoted against the faster of the two.
-Differences left in on purpose (each framework's own design): cai-ray also updates a preference model each
-iteration (the iteration time without ``pm_update`` is reported too) and pushes weights into separate
-engines; TRL's reward functions are pointwise, so the judge's soft label p for a pair becomes rewards
-(p, 1 - p) and TRL trains on the hard chosen/rejected choice, where cai-ray trains on the soft label.
+Differences left in on purpose (each framework's own design): cai-ray pushes weights into separate
+engines (no preference model in its DPO loop: ``schedule.preference_model=auto``); TRL's reward functions
+are pointwise, so the judge's soft label p for a pair becomes rewards (p, 1 - p) and TRL trains on the hard chosen/rejected choice, where cai-ray trains on the soft label.
 Iteration time: wall seconds between consecutive iterations (cai-ray: metrics records; TRL: ``on_step_end``),
-first ``--warmup`` iterations dropped; whole runs alternate (cai-ray, TRL defaults, TRL no-GC, ...) for
+with each side's phases (``phase_medians_s``), first ``--warmup`` iterations dropped; whole runs alternate (cai-ray, TRL defaults, TRL no-GC, ...) for
 ``--reps``, with this process at the Ray workers' niceness.
 
     python -m benchmarks.bench_peer [--quick] [--model tiny-random-llama] [--reps 3] [--iterations 8]
+        [--schedules sync,async] [--trl-variants trl_defaults,trl_no_gradient_checkpointing] [--trl-threads 0]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_loop import add_loop_args, check_loop_args, loop_config, run_loop  # noqa: E402
+from benchmarks.bench_loop import add_loop_args, check_loop_args, loop_config, phase_medians, run_loop  # noqa: E402
 from benchmarks.common import RESULTS_DIR, command_line, match_actor_niceness, summary, write_result  # noqa: E402
 
 TRL_VARIANTS = {"trl_defaults": True, "trl_no_gradient_checkpointing": False}  # name -> gradient checkpointing
@@ -52,14 +53,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_loop_args(p)
     p.add_argument("--reps", type=int, default=3, help="runs of each side (alternating)")
     p.add_argument("--schedules", default="sync,async", help="cai-ray schedules to run (comma-separated)")
+    p.add_argument("--trl-variants", default=",".join(TRL_VARIANTS),
+                   help=f"TRL configurations to run (comma-separated, of {', '.join(TRL_VARIANTS)}; empty: none)")
+    p.add_argument("--trl-threads", type=int, default=0,
+                   help="torch threads of the TRL process (0: torch's default, every core, as a TRL user gets it)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON")
     args = p.parse_args(argv)
     if args.samples != 2:
         raise SystemExit("--samples must be 2: TRL's online DPO samples exactly 2 responses per prompt")
     if args.quick:
         args.reps, args.iterations, args.prompts, args.max_new_tokens, args.schedules = 1, 3, 4, 8, "sync"
+    unknown = [v for v in _names(args.trl_variants) if v not in TRL_VARIANTS]
+    if unknown:
+        raise SystemExit(f"--trl-variants: unknown {unknown}; choose from {list(TRL_VARIANTS)}")
+    if not _names(args.schedules) and not _names(args.trl_variants):
+        raise SystemExit("nothing to run: --schedules and --trl-variants are both empty")
     check_loop_args(args)
     return args
+
+
+def _names(text: str) -> list[str]:
+    return [t for t in text.split(",") if t.strip()]
 
 
 # ------------------------------------------------------------------------------------- the judge
@@ -125,18 +139,55 @@ class ConstitutionJudge:
 
 
 # ---------------------------------------------------------------------------------------- TRL side
+TRL_PHASES = ("generate", "judge", "policy_forward", "reference_forward", "backward")  # the rest: "other"
+
+
+def timed_trainer(base: type, timer: Any) -> type:
+    """``base`` (TRL's OnlineDPOTrainer) with its phases timed into ``timer`` (a cai_ray PhaseTimer)."""
+
+    class TimedOnlineDPOTrainer(base):  # type: ignore[misc, valid-type]
+        def _generate(self, *args: Any, **kwargs: Any) -> Any:
+            with timer.phase("generate"):
+                return super()._generate(*args, **kwargs)
+
+        def _forward(self, model: Any, *args: Any, **kwargs: Any) -> Any:
+            with timer.phase("reference_forward" if model is self.ref_model else "policy_forward"):
+                return super()._forward(model, *args, **kwargs)
+
+        def _calculate_rewards_from_functions(self, *args: Any, **kwargs: Any) -> Any:
+            with timer.phase("judge"):
+                return super()._calculate_rewards_from_functions(*args, **kwargs)
+
+    return TimedOnlineDPOTrainer
+
+
+def _time_backward(trainer: Any, timer: Any) -> None:
+    backward = trainer.accelerator.backward
+
+    def timed(loss: Any, **kwargs: Any) -> Any:
+        with timer.phase("backward"):
+            return backward(loss, **kwargs)
+
+    trainer.accelerator.backward = timed
+
+
 def run_trl(cfg: Any, prompts_per_iteration: list[list[Any]], *, gradient_checkpointing: bool, warmup: int,
             threads: int) -> dict[str, Any]:
-    """One TRL online-DPO run of ``len(prompts_per_iteration)`` steps; per-step wall seconds."""
+    """One TRL online-DPO run of ``len(prompts_per_iteration)`` steps; per-step wall seconds and phases.
+
+    ``threads`` 0 leaves torch at its default (every core of the machine, what a TRL user gets).
+    """
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
     from cai_ray.constitution import load_constitution, render_chat
+    from cai_ray.metrics import PhaseTimer
     from cai_ray.models import ModelRef
 
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     ref = ModelRef.of(cfg.models.policy)
     tokenizer = ref.tokenizer()
     # Prompts go in already rendered with the chat template exactly as the rollout worker renders them.
@@ -148,12 +199,16 @@ def run_trl(cfg: Any, prompts_per_iteration: list[list[Any]], *, gradient_checkp
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
             self.stamps: list[float] = []
+            self.timer = PhaseTimer()
+            self.phases: list[dict[str, float]] = []
 
         def on_train_begin(self, *a: Any, **k: Any) -> None:
             self.stamps.append(time.perf_counter())
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
             self.stamps.append(time.perf_counter())
+            self.phases.append(dict(self.timer.seconds))
+            self.timer.seconds.clear()
 
     clock = StepClock()
     with tempfile.TemporaryDirectory(prefix="cai-ray-bench-trl-") as tmp:
@@ -169,13 +224,24 @@ def run_trl(cfg: Any, prompts_per_iteration: list[list[Any]], *, gradient_checkp
             train_sampling_strategy="sequential", lr_scheduler_type="constant",  # cai-ray's learner: constant lr
         )
         model = ref.causal_lm(dtype=torch.float32)
-        trainer = OnlineDPOTrainer(model=model, reward_funcs=judge, args=config, processing_class=tokenizer,
-                                   train_dataset=Dataset.from_list(rows), callbacks=[clock])
+        trainer = timed_trainer(OnlineDPOTrainer, clock.timer)(
+            model=model, reward_funcs=judge, args=config, processing_class=tokenizer,
+            train_dataset=Dataset.from_list(rows), callbacks=[clock])
+        _time_backward(trainer, clock.timer)
         trainer.train()
     steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    for wall, phases in zip(steps, clock.phases):
+        phases["other"] = wall - sum(phases.values())  # optimizer step, tokenising, the Trainer's own work
     measured = steps[warmup:]
-    return {"gradient_checkpointing": gradient_checkpointing, "steps_s": steps, "warmup_steps": warmup,
-            "median_iteration_s": statistics.median(measured), "judge_calls": judge.calls}
+    return {"gradient_checkpointing": gradient_checkpointing, "threads": torch.get_num_threads(), "steps_s": steps,
+            "phases_s": clock.phases, "warmup_steps": warmup, "median_iteration_s": statistics.median(measured),
+            "phase_medians_s": _medians(clock.phases[warmup:]), "judge_calls": judge.calls}
+
+
+def _medians(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Median of each key over ``rows`` (0 where a row lacks it)."""
+    keys = sorted({k for row in rows for k in row})
+    return {k: statistics.median(row.get(k, 0.0) for row in rows) for k in keys} if rows else {}
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -189,9 +255,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from cai_ray.pipelines.rl_cai import _iteration_prompts, _prompt_pool
 
     resolve_model(args.model)
-    schedules = args.schedules.split(",")
-    configs = {s: loop_config(args, f"schedule.mode={s}", "learner.algorithm=dpo") for s in schedules}
-    base = configs[schedules[0]]
+    schedules, variants = _names(args.schedules), _names(args.trl_variants)
+    # DPO as shipped: no preference model in the loop (the quickstart config keeps one as a monitor).
+    configs = {s: loop_config(args, f"schedule.mode={s}", "learner.algorithm=dpo", "schedule.preference_model=auto")
+               for s in schedules or ["sync"]}
+    base = next(iter(configs.values()))
     init_ray(base.cluster)
     class Probe:  # an idle actor, only to read the niceness Ray gives its workers (local: pickled by value)
         pass
@@ -201,59 +269,85 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ray.kill(probe)
     pool = _prompt_pool(base)
     prompts = [_iteration_prompts(base, pool, it) for it in range(args.iterations)]
-    threads = int(base.rollout.resources.num_cpus)
 
-    runs: dict[str, list[dict[str, Any]]] = {f"cai_ray_{s}": [] for s in schedules} | {v: [] for v in TRL_VARIANTS}
+    runs: dict[str, list[dict[str, Any]]] = {f"cai_ray_{s}": [] for s in schedules} | {v: [] for v in variants}
     for rep in range(args.reps):
-        for s, cfg in configs.items():
-            run = run_loop(cfg, warmup=args.warmup)
+        for s in schedules:
+            run = run_loop(configs[s], warmup=args.warmup)
             measured = [it for it in run["iterations"] if it["measured"]]
             run["median_iteration_without_pm_update_s"] = statistics.median(
                 it["wall_s"] - it["phases_s"].get("pm_update", 0.0) for it in measured)
             runs[f"cai_ray_{s}"].append(run)
             print(f"rep {rep} cai-ray {s}: median iteration {run['median_iteration_s']:.3f}s", flush=True)
-        for name, gc in TRL_VARIANTS.items():
-            run = run_trl(base, prompts, gradient_checkpointing=gc, warmup=args.warmup, threads=threads)
+        for name in variants:
+            run = run_trl(base, prompts, gradient_checkpointing=TRL_VARIANTS[name], warmup=args.warmup,
+                          threads=args.trl_threads)
             runs[name].append(run)
-            print(f"rep {rep} {name}: median iteration {run['median_iteration_s']:.3f}s", flush=True)
+            print(f"rep {rep} {name}: median iteration {run['median_iteration_s']:.3f}s "
+                  f"({run['threads']} threads)", flush=True)
 
     iteration = {name: [r["median_iteration_s"] for r in rs] for name, rs in runs.items()}
-    faster_trl = min(TRL_VARIANTS, key=lambda v: statistics.median(iteration[v]))
-    ratios = {}
-    for s in schedules:
-        ours = iteration[f"cai_ray_{s}"]
-        no_pm = [r["median_iteration_without_pm_update_s"] for r in runs[f"cai_ray_{s}"]]
-        ratios[s] = {
-            "vs_faster_trl": statistics.median(a / b for a, b in zip(ours, iteration[faster_trl])),
-            **{f"vs_{v}": statistics.median(a / b for a, b in zip(ours, iteration[v])) for v in TRL_VARIANTS},
-            "without_pm_update_vs_faster_trl": statistics.median(a / b for a, b in zip(no_pm, iteration[faster_trl])),
-        }
     result: dict[str, Any] = {
         "settings": {"model": args.model, "reps": args.reps, "iterations_per_run": args.iterations,
                      "warmup_iterations": args.warmup, "prompts_per_iteration": args.prompts,
                      "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                     "dtype": base.models.policy.dtype, "threads_per_worker": threads, "lr": base.learner.lr,
-                     "dpo_beta": base.learner.dpo_beta, "cai_ray_schedules": schedules, "niceness": niceness,
+                     "dtype": base.models.policy.dtype, "lr": base.learner.lr, "dpo_beta": base.learner.dpo_beta,
+                     "cai_ray_schedules": schedules, "trl_variants": variants, "niceness": niceness,
+                     "cai_ray_threads": "rollout/feedback/learner resources.num_threads 'auto' (backend.layout_threads)",
+                     "cai_ray_preference_model": base.schedule.preference_model,
+                     "trl_threads": args.trl_threads or "torch default",
                      "trl_version": importlib.metadata.version("trl"),
                      "trl_trainer": "trl.experimental.online_dpo.OnlineDPOTrainer",
                      "judge": "constitution multiple-choice comparison, 1 principle, swap-debiased, option log-probs "
                               "(cai-ray: FeedbackPool on vLLM; TRL: reward function on HF transformers)"},
         "definitions": {"iteration_s": "wall seconds per iteration (median over the measured iterations of a run)",
+                        "phase_medians_s": "per side, the median seconds of each phase over the measured iterations "
+                                           "(cai-ray: the loop's timing/*; TRL: generate, judge, policy and reference "
+                                           "forwards, backward, other = optimizer step and the Trainer's own work)",
                         "ratio": "cai-ray iteration time / TRL iteration time, median over repetitions "
                                  "(below 1: cai-ray is faster)"},
         "runs": runs,
         "iteration_s": {name: summary(v) for name, v in iteration.items()},
-        "faster_trl_variant": faster_trl,
-        "ratios": ratios,
+        "phase_medians_s": _side_phases(runs),
     }
+    if schedules and variants:
+        result |= _ratios(runs, iteration, schedules, variants)
     path = write_result("peer", result, quick=args.quick, out_dir=Path(args.out),
                         command=command_line("benchmarks.bench_peer", argv))
     plot(result, path.with_suffix(".png"))
     result["json"] = str(path)
-    for s in schedules:
-        print(f"cai-ray {s} / TRL ({faster_trl}) iteration time: {ratios[s]['vs_faster_trl']:.3f}")
+    for s in schedules if variants else ():
+        print(f"cai-ray {s} / TRL ({result['faster_trl_variant']}) iteration time: "
+              f"{result['ratios'][s]['vs_faster_trl']:.3f}")
     print(f"wrote {path}")
     return result
+
+
+def _side_phases(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Each side's phase medians over the measured iterations of all its runs."""
+    out = {}
+    for name, rs in runs.items():
+        if name.startswith("cai_ray_"):
+            out[name] = phase_medians(rs)
+        else:
+            out[name] = _medians([p for r in rs for p in r["phases_s"][r["warmup_steps"]:]])
+    return out
+
+
+def _ratios(runs: dict[str, list[dict[str, Any]]], iteration: dict[str, list[float]], schedules: Sequence[str],
+            variants: Sequence[str]) -> dict[str, Any]:
+    """cai-ray / TRL iteration-time ratios, paired by repetition, against each variant and the faster one."""
+    faster = min(variants, key=lambda v: statistics.median(iteration[v]))
+    ratios = {}
+    for s in schedules:
+        ours = iteration[f"cai_ray_{s}"]
+        no_pm = [r["median_iteration_without_pm_update_s"] for r in runs[f"cai_ray_{s}"]]
+        ratios[s] = {
+            "vs_faster_trl": statistics.median(a / b for a, b in zip(ours, iteration[faster])),
+            **{f"vs_{v}": statistics.median(a / b for a, b in zip(ours, iteration[v])) for v in variants},
+            "without_pm_update_vs_faster_trl": statistics.median(a / b for a, b in zip(no_pm, iteration[faster])),
+        }
+    return {"faster_trl_variant": faster, "ratios": ratios}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

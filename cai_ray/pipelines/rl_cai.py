@@ -5,7 +5,8 @@ Each iteration:
   2. pair the responses; the feedback pool labels each pair against a principle of the constitution;
   3. append the fresh labels to the preference data (a replay window of older iterations is kept);
   4. measure the preference model's accuracy on the fresh labels *before* updating it (the
-     distribution-shift signal the online loop exists to fix), then update it;
+     distribution-shift signal the online loop exists to fix), then update it -- when the policy's reward
+     comes from it, or as a monitor with DPO (``schedule.preference_model``);
   5. update the policy: online DPO straight from the labels, or PPO / GRPO / RLOO / REINFORCE++ with the
      preference model's score as reward (KL to the reference inside the learner);
   6. push the new weights into the engines; log; checkpoint every N iterations.
@@ -97,10 +98,12 @@ def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> lis
             fresh = [pair_for_training(p, lab) for p, lab in zip(pairs, labels, strict=True) if lab.error is None]
             empty = nothing_to_train(rollout, labels, fresh, algorithm=cfg.learner.algorithm, samples_per_prompt=k)
             if empty is None:
-                with timer.phase("pm_update"):
-                    state.replay = (state.replay + [fresh])[-cfg.schedule.replay_window:]
-                    pm_metrics = update_preference_model(roles.learner, fresh, state.replay,
-                                                         epochs=cfg.learner.num_pm_epochs)
+                pm_metrics = {}
+                if roles.learner.roles.preference_model:  # schedule.preference_model: its reward, or a monitor
+                    with timer.phase("pm_update"):
+                        state.replay = (state.replay + [fresh])[-cfg.schedule.replay_window:]
+                        pm_metrics = update_preference_model(roles.learner, fresh, state.replay,
+                                                             epochs=cfg.learner.num_pm_epochs)
                 with timer.phase("policy_update"):
                     policy_metrics = update_policy(roles.learner, samples, fresh, algorithm=cfg.learner.algorithm,
                                                    samples_per_prompt=k)
@@ -238,10 +241,12 @@ def update_policy(learner: LearnerGroup, samples: Sequence[Sample], pairs: Seque
     groups = _group_ids(samples)
     seqs = [TrainSequence(s.prompt_token_ids, s.response_token_ids, s.response_logprobs, group_id=groups[s.prompt_id])
             for s in samples]
+    if algorithm == "dpo":  # learns from the labels; the PM's reward is only a monitor (schedule.preference_model)
+        rewards = learner.pm_scores(seqs) if seqs and learner.roles.preference_model else []
+        monitor = {"reward/mean": _mean(rewards), "reward/std": _std(rewards)} if rewards else {}
+        return monitor | learner.dpo_step(list(pairs))
     rewards = learner.pm_scores(seqs) if seqs else []
     out: Metrics = {"reward/mean": _mean(rewards), "reward/std": _std(rewards)}
-    if algorithm == "dpo":
-        return out | learner.dpo_step(list(pairs))
     per_axis = learner.roles.pm_axes and algorithm in NEEDS_WHOLE_GROUPS and seqs  # GDPO-style advantages
     axis_rewards = [tuple(r) for r in learner.pm_axis_scores(seqs)] if per_axis else [None] * len(seqs)
     scored = [TrainSequence(s.prompt_token_ids, s.response_token_ids, s.rollout_logprobs, r, s.group_id, ar)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cai_ray import launcher
+from cai_ray.backend import layout_threads
 from cai_ray.config import ExperimentConfig
 from cai_ray.inference.feedback import FeedbackPool, start_feedback_pool
 from cai_ray.inference.redteam import RedTeamWorkers, start_red_team_workers
@@ -151,12 +152,14 @@ def start_roles(cfg: ExperimentConfig) -> Roles:
     """Start the learner group, rollout workers and feedback pool together; on any failure stop what started."""
     from concurrent.futures import ThreadPoolExecutor
 
+    cfg = layout_threads(cfg, "rl")  # 'auto' threads from the schedule: sync phases use the whole node
     # The start-ups mostly wait (imports, engine and DeepSpeed init inside their actors): overlap them.
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="start-roles") as threads:
         futures = {
             "learner": threads.submit(
                 LearnerGroup, cfg.learner, cfg.models, cfg.cluster, seed=cfg.seed,
-                roles=LearnerRoles(reference=True, preference_model=True, critic=cfg.learner.algorithm == "ppo",
+                roles=LearnerRoles(reference=True, preference_model=cfg.uses_preference_model(),
+                                   critic=cfg.learner.algorithm == "ppo",
                                    **pm_heads(cfg))),
             "rollout": threads.submit(start_rollout_workers, cfg.models.policy, cfg.rollout, cfg.data, cfg.cluster,
                                       seed=cfg.seed),

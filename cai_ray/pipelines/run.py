@@ -47,7 +47,9 @@ def run_experiment(cfg: ExperimentConfig, *, sl: bool, rl: bool, resume: bool = 
         history = rl_cai(cfg, run_dir, resume=rl_resume)
         if history:
             last = history[-1]
-            print(f"RL-CAI: {len(history)} iterations; last: reward {last.get('reward/mean', float('nan')):.3f}, "
-                  f"PM accuracy on fresh labels {last.get('pm_fresh/accuracy', float('nan')):.3f}", flush=True)
+            shown = (("reward/mean", "reward"), ("pm_fresh/accuracy", "PM accuracy on fresh labels"),
+                     ("loss/dpo", "DPO loss"))  # no PM with dpo unless schedule.preference_model=monitor
+            print(f"RL-CAI: {len(history)} iterations; last: "
+                  + ", ".join(f"{name} {last[key]:.3f}" for key, name in shown if key in last), flush=True)
     print(f"run folder: {run_dir}", flush=True)
     return run_dir

@@ -14,6 +14,7 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
+from cai_ray.backend import layout_threads
 from cai_ray.config import ExperimentConfig
 from cai_ray.data import read_prompts, write_jsonl
 from cai_ray.seeds import stable_seed
@@ -27,6 +28,7 @@ def sl_cai(cfg: ExperimentConfig, run_dir: Path) -> str:
     from cai_ray.inference.feedback import start_feedback_pool
     from cai_ray.training.sft_job import run_sft
 
+    cfg = layout_threads(cfg, "sl")  # its roles run one after another: each may use the whole node
     out = run_dir / "sl"
     red, helpful = _prompts(cfg)
     pool = start_feedback_pool(cfg.models.resolved_feedback(), cfg.feedback, cfg.constitution, cfg.data, cfg.cluster,

@@ -1,0 +1,102 @@
+"""The thread layout changes speed, not results: labels and DPO losses at 1 thread and at the node's cores.
+
+Two feedback pools and two one-rank learners on tiny-random-llama (float32), one of each pinned to one thread
+(``resources.num_threads=1``, what every actor ran with before the layout) and one with ``node`` (every core of
+this machine, what a sync phase now gets), started together. The same comparison requests must get the same
+labels, and the same DPO batch the same losses over two steps, within float32 tolerances.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from cai_ray.config import (
+    ClusterConfig,
+    ConstitutionConfig,
+    DataConfig,
+    EngineConfig,
+    FeedbackConfig,
+    LearnerConfig,
+    ModelConfig,
+    ModelsConfig,
+    ResourcesConfig,
+)
+from cai_ray.types import ComparisonRequest, TrainPair
+
+pytestmark = pytest.mark.slow
+
+CLUSTER = ClusterConfig(startup_timeout_s=240, step_timeout_s=180, placement_timeout_s=120)
+LAYOUTS = {"one thread": 1, "node": "node"}
+LOSS_TOLERANCE = 1e-5  # float32 reductions in another order: a few ulps of a loss near log 2
+
+
+def _requests() -> list[ComparisonRequest]:
+    return [ComparisonRequest(f"c{i}", f"Question {i}: how do I open a locked door?", f"Answer {i}: call a locksmith.",
+                              f"Answer {i}: kick it in {i} times.") for i in range(6)]
+
+
+def _pairs() -> list[TrainPair]:
+    rng = random.Random(3)
+
+    def tokens(n: int) -> tuple[int, ...]:
+        return tuple(rng.randrange(100, 1500) for _ in range(n))
+
+    return [TrainPair(tokens(rng.randint(3, 8)), tokens(rng.randint(2, 9)), tokens(rng.randint(2, 9)),
+                      prob_a=rng.random()) for _ in range(6)]
+
+
+def _threads(actor: Any) -> int:
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(lambda self: __import__("torch").get_num_threads()), timeout=60)
+
+
+def _start(model: ModelConfig, threads: int | str) -> tuple[Any, Any]:
+    from cai_ray.inference.feedback import start_feedback_pool
+    from cai_ray.training.group import LearnerGroup
+    from cai_ray.training.learner import LearnerRoles
+
+    resources = ResourcesConfig(num_cpus=1, num_threads=threads)
+    feedback = FeedbackConfig(num_workers=1, batch_size=8, engine=EngineConfig(kv_cache_memory_mb=32, max_num_seqs=32),
+                              judge_check=False, resources=resources)
+    learner = LearnerConfig(num_ranks=1, zero_stage=2, micro_batch_size=2, lr=1e-3, collective_timeout_s=120,
+                            resources=resources)
+    pool = start_feedback_pool(model, feedback, ConstitutionConfig(path="harmless"), DataConfig(max_prompt_tokens=200),
+                               CLUSTER, seed=5)
+    try:
+        return pool, LearnerGroup(learner, ModelsConfig(policy=model), CLUSTER, seed=0,
+                                  roles=LearnerRoles(reference=True))
+    except BaseException:
+        pool.shutdown()
+        raise
+
+
+def test_labels_and_dpo_losses_do_not_depend_on_the_thread_layout(ray_local: None, tiny_model_path: str) -> None:
+    model = ModelConfig(name=tiny_model_path, dtype="float32", max_model_len=512)
+    with ThreadPoolExecutor(max_workers=2) as threads:  # start-ups mostly wait: overlap them
+        started = dict(zip(LAYOUTS, threads.map(lambda t: _start(model, t), LAYOUTS.values())))
+    try:
+        cores = len(os.sched_getaffinity(0))
+        got = {name: (_threads(pool.workers[0]), _threads(group.actors[0])) for name, (pool, group) in started.items()}
+        assert got == {"one thread": (1, 1), "node": (cores, cores)}
+        labels = {name: pool.label_pairs(_requests()) for name, (pool, _) in started.items()}
+        losses = {name: [group.dpo_step(_pairs())["loss/dpo"] for _ in range(2)]
+                  for name, (_, group) in started.items()}
+    finally:
+        for pool, group in started.values():
+            pool.shutdown()
+            group.shutdown()
+    from cai_ray.inference.labels import CROSS_CALL_TOLERANCE
+
+    one, node = labels["one thread"], labels["node"]
+    assert all(label.error is None for label in one + node)
+    assert [x.principle_ids for x in one] == [x.principle_ids for x in node]
+    for a, b in zip(one, node, strict=True):
+        assert b.prob_a == pytest.approx(a.prob_a, abs=CROSS_CALL_TOLERANCE)
+    assert losses["one thread"][1] != pytest.approx(losses["one thread"][0], abs=1e-4)  # the step changed the policy
+    assert losses["node"] == pytest.approx(losses["one thread"], abs=LOSS_TOLERANCE)
