@@ -32,7 +32,7 @@ REPO = Path(__file__).parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
 QUICKSTART = REPO / "configs" / "quickstart-cpu.yaml"
 # "<role> worker 0: node 192.0.2.2 [9d5c224d] pid 123, cpu/gloo, GPU ids none, cai_ray from /path/cai_ray"
-STARTED = re.compile(r"^(?P<name>[\w ]+ \d+): node \S+ \[(?P<node>\w+)\] pid \d+, (?P<device>\w+)/(?P<dist>\w+), "
+STARTED = re.compile(r"^(?P<name>[\w ]+ \d+): node \S+ \[(?P<node>\w+)\] pid \d+, (?P<device>\w+)/(?P<dist>\w+), (?:\d+ threads, )?"
                      r"GPU ids .*, cai_ray from (?P<source>\S+)$", re.M)
 
 

@@ -188,6 +188,9 @@ def _lend(roles: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import cai_ray.pipelines.rl_cai as loop
 
     def start_roles(cfg: ExperimentConfig) -> Any:
+        from cai_ray.backend import layout_threads
+
+        cfg = layout_threads(cfg, "rl")  # roles hold the resolved thread layout
         assert cfg.model_dump(include=ROLE_FIELDS) == roles.cfg.model_dump(include=ROLE_FIELDS)
         assert (cfg.data.max_prompt_tokens, cfg.data.overlong_prompt) == (roles.cfg.data.max_prompt_tokens,
                                                                           roles.cfg.data.overlong_prompt)
