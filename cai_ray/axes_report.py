@@ -1,110 +1,179 @@
-"""``cai-ray axes``: how the behavioural axes of a run's per-axis labels relate.
+"""``cai-ray axes``: how the behavioural axes of a run relate, in its labels and in its preference model.
 
-For each window of iterations (and for the whole run) the Pearson correlation between every two axes'
-soft labels over the labelled pairs, with a percentile-bootstrap interval (pairs resampled, seeded).
-A pair of axes *trades off* when its interval lies wholly below zero: the judge tends to prefer the
-other response on one axis whenever it prefers a response on the other. JSON + one PNG heatmap per window.
+Two sources, the same statistics:
+- **labels** (``RUN/labels/iter_NNNN.jsonl``): the judge's per-axis soft labels, one point per labelled pair;
+- **PM scores** (``RUN/pm_scores/iter_NNNN.jsonl``, written by the RL loop when the PM has one head per axis):
+  each head's score of the iteration's policy samples, taken *before* the PM is updated on their labels, so
+  the PM has trained on none of them (held out as ``pm_fresh/*`` is). Scores are centred within each
+  prompt's samples: a Bradley-Terry head is only defined up to a per-prompt constant, and the within-prompt
+  contrast is what a reward or a group advantage uses. A prompt with one sample has no contrast and is
+  left out.
+For each window of iterations (and for the whole run): the Pearson correlation between every two axes with a
+percentile-bootstrap interval (seeded), resampling the independent units -- pairs for labels, prompts for PM
+scores (a prompt's samples share it). A pair of axes *trades off* when its interval lies wholly below zero.
+``trend`` lists each pair's r window by window: how the relation moves over the iterations.
+JSON + one PNG heatmap per source and window.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cai_ray.evaluation.stats import percentile_interval
 
 LABELS_DIR = "labels"
+PM_SCORES_DIR = "pm_scores"  # the RL loop writes here (multi-head PM only)
+Cluster = list[dict[str, float]]  # the per-axis values of rows that are resampled together
 
 
 class AxesReportError(ValueError):
     """A run folder without per-axis labels; the message names the folder and the fix."""
 
 
-def read_axis_labels(run_dir: Path) -> dict[int, list[dict[str, float]]]:
-    """Per iteration, the per-axis soft labels of the labelled pairs (errors skipped)."""
-    files = sorted((run_dir / LABELS_DIR).glob("iter_*.jsonl"))
-    if not files:
+def _read_iterations(folder: Path) -> dict[int, list[dict[str, Any]]]:
+    """The rows of each ``iter_NNNN.jsonl`` under ``folder``, by iteration (empty when there are none)."""
+    out = {}
+    for path in sorted(folder.glob("iter_*.jsonl")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        out[int(path.stem.removeprefix("iter_"))] = [json.loads(line) for line in lines if line.strip()]
+    return out
+
+
+def read_axis_labels(run_dir: Path) -> dict[int, list[Cluster]]:
+    """Per iteration, the per-axis soft labels of the labelled pairs, one cluster per pair (errors skipped)."""
+    by_iter = _read_iterations(run_dir / LABELS_DIR)
+    if not by_iter:
         raise AxesReportError(f"{run_dir}: no {LABELS_DIR}/iter_*.jsonl; is this an RL run folder?")
-    out: dict[int, list[dict[str, float]]] = {}
-    for path in files:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        out[int(path.stem.removeprefix("iter_"))] = [r["axis_probs"] for r in rows
-                                                      if r.get("error") is None and r.get("axis_probs")]
+    out = {it: [[r["axis_probs"]] for r in rows if r.get("error") is None and r.get("axis_probs")]
+           for it, rows in by_iter.items()}
     if not any(out.values()):
         raise AxesReportError(f"{run_dir}: the labels carry no per-axis soft labels; run with feedback.label_axes "
                               "set to 'all' or a list of axes")
     return out
 
 
+def read_pm_scores(run_dir: Path) -> dict[int, list[Cluster]]:
+    """Per iteration, the held-out per-axis PM scores centred within each prompt, one cluster per prompt with
+    two or more samples (empty when the run wrote none: no multi-head PM)."""
+    out = {}
+    for it, rows in _read_iterations(run_dir / PM_SCORES_DIR).items():
+        groups: dict[str, list[dict[str, float]]] = {}
+        for r in rows:
+            groups.setdefault(r["prompt_id"], []).append(r["scores"])
+        out[it] = [_centred(g) for g in groups.values() if len(g) >= 2]
+    return out
+
+
+def _centred(rows: Sequence[dict[str, float]]) -> Cluster:
+    """Each axis's values minus their mean over ``rows`` (the axes all rows have)."""
+    axes = [a for a in rows[0] if all(a in r for r in rows)]
+    means = {a: sum(r[a] for r in rows) / len(rows) for a in axes}
+    return [{a: r[a] - means[a] for a in axes} for r in rows]
+
+
+def _pearson_rows(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted Pearson r of the points (x, y) [n] for each row of weights w [B, n]; nan where a side is
+    constant over the points of weight > 0 (or fewer than two points)."""
+    total = w.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dx = x - (w * x).sum(axis=1, keepdims=True) / total
+        dy = y - (w * y).sum(axis=1, keepdims=True) / total
+        r = (w * dx * dy).sum(axis=1) / np.sqrt((w * dx * dx).sum(axis=1) * (w * dy * dy).sum(axis=1))
+    used = w > 0
+    constant = np.zeros(len(w), dtype=bool)
+    for v in (x, y):  # exact, unlike a variance threshold: a constant side gives no correlation, not noise
+        constant |= np.where(used, v, np.inf).min(axis=1) == np.where(used, v, -np.inf).max(axis=1)
+    return np.where(constant, np.nan, r)
+
+
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     """Pearson correlation; None when either side is constant or there are fewer than 2 points."""
-    n = len(xs)
-    if n < 2:
+    if len(xs) < 2:
         return None
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
-    if sxx <= 0 or syy <= 0:
-        return None
-    return sxy / math.sqrt(sxx * syy)
+    r = _pearson_rows(np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64), np.ones((1, len(xs))))
+    return None if math.isnan(r[0]) else float(r[0])
 
 
-def correlation_with_ci(xs: Sequence[float], ys: Sequence[float], *, num_samples: int, seed: int,
+def correlation_with_ci(clusters: Sequence[Sequence[tuple[float, float]]], *, num_samples: int, seed: int,
                         alpha: float = 0.05) -> dict[str, Any]:
-    """``{"r", "ci", "n"}``: the correlation and its bootstrap interval (None where undefined)."""
-    r = pearson(xs, ys)
-    rng = random.Random(seed)
-    stats = []
-    for _ in range(num_samples if r is not None else 0):
-        idx = [rng.randrange(len(xs)) for _ in xs]
-        value = pearson([xs[i] for i in idx], [ys[i] for i in idx])
-        if value is not None:
-            stats.append(value)
-    ci = list(percentile_interval(stats, alpha)) if len(stats) >= 2 else None
-    return {"r": r, "ci": ci, "n": len(xs)}
+    """``{"r", "ci", "n"}`` of the (x, y) points: the correlation and its percentile-bootstrap interval, the
+    clusters resampled with replacement (None where undefined)."""
+    points = [p for c in clusters for p in c]
+    x, y = (np.asarray([p[i] for p in points], dtype=np.float64) for i in (0, 1))
+    r = pearson(x.tolist(), y.tolist())
+    if r is None or num_samples < 1:
+        return {"r": r, "ci": None, "n": len(points)}
+    owner = np.repeat(np.arange(len(clusters)), [len(c) for c in clusters])
+    counts = np.random.default_rng(seed).multinomial(len(clusters), [1 / len(clusters)] * len(clusters),
+                                                     size=num_samples)  # a resample = how often each cluster
+    stats = _pearson_rows(x, y, counts[:, owner].astype(np.float64))
+    stats = stats[~np.isnan(stats)]
+    ci = list(percentile_interval(stats.tolist(), alpha)) if len(stats) >= 2 else None
+    return {"r": r, "ci": ci, "n": len(points)}
 
 
-def window_report(rows: Sequence[dict[str, float]], *, num_samples: int, seed: int) -> dict[str, Any]:
+def window_report(clusters: Sequence[Cluster], *, num_samples: int, seed: int) -> dict[str, Any]:
     """Correlation matrix (axes in first-seen order), intervals and the trade-off pairs of one window."""
-    axes = list(dict.fromkeys(a for r in rows for a in r))
+    axes = list(dict.fromkeys(a for c in clusters for r in c for a in r))
     cells: dict[str, dict[str, Any]] = {}
     trade_offs = []
     for i, a in enumerate(axes):
         for b in axes[i + 1:]:
-            both = [r for r in rows if a in r and b in r]
-            cell = correlation_with_ci([r[a] for r in both], [r[b] for r in both], num_samples=num_samples,
-                                       seed=seed + i)
+            both = [pts for c in clusters if (pts := [(r[a], r[b]) for r in c if a in r and b in r])]
+            cell = correlation_with_ci(both, num_samples=num_samples, seed=seed + i)
             cells[f"{a}|{b}"] = cell
             if cell["ci"] is not None and cell["ci"][1] < 0:
                 trade_offs.append({"axes": [a, b], "r": cell["r"], "ci": cell["ci"]})
     matrix = [[1.0 if a == b else cells.get(f"{a}|{b}", cells.get(f"{b}|{a}", {})).get("r") for b in axes]
               for a in axes]
     trade_offs.sort(key=lambda t: t["r"])
-    return {"num_pairs": len(rows), "axes": axes, "matrix": matrix, "pairs": cells, "trade_offs": trade_offs}
+    return {"n": sum(len(c) for c in clusters), "num_units": len(clusters), "axes": axes, "matrix": matrix,
+            "pairs": cells, "trade_offs": trade_offs}
 
 
-def axes_report(run_dir: Path, *, window: int, num_samples: int = 200, seed: int = 0) -> dict[str, Any]:
-    """The whole run and each window of ``window`` iterations."""
-    if window < 1:
-        raise AxesReportError(f"--window must be >= 1, got {window}")
-    by_iter = read_axis_labels(run_dir)
+def source_report(by_iter: dict[int, list[Cluster]], *, window: int, num_samples: int, seed: int) -> dict[str, Any]:
+    """One source over the whole run and each window of ``window`` iterations, and each pair's r by window."""
     iters = sorted(by_iter)
     windows = []
     for start in range(0, len(iters), window):
         chunk = iters[start:start + window]
-        rows = [r for it in chunk for r in by_iter[it]]
-        windows.append({"iterations": [chunk[0], chunk[-1]]} | window_report(rows, num_samples=num_samples,
+        clusters = [c for it in chunk for c in by_iter[it]]
+        windows.append({"iterations": [chunk[0], chunk[-1]]} | window_report(clusters, num_samples=num_samples,
                                                                              seed=seed))
-    all_rows = [r for it in iters for r in by_iter[it]]
-    return {"run_dir": str(run_dir), "window": window, "bootstrap_samples": num_samples,
-            "overall": window_report(all_rows, num_samples=num_samples, seed=seed), "windows": windows}
+    overall = window_report([c for it in iters for c in by_iter[it]], num_samples=num_samples, seed=seed)
+    trend = {pair: [w["pairs"].get(pair, {}).get("r") for w in windows] for pair in overall["pairs"]}
+    return {"overall": overall, "windows": windows, "trend": trend}
 
 
-def plot_heatmap(win: dict[str, Any], title: str, path: Path) -> Path:
+SOURCES = {  # key: (what a row is, what is correlated) -- for the JSON and the plots
+    "labels": ("labelled pair", "per-axis labels"),
+    "pm_scores": ("held-out policy sample", "per-axis PM scores (centred per prompt)"),
+}
+
+
+def axes_report(run_dir: Path, *, window: int, num_samples: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Both sources (``pm_scores`` is None when the run has no multi-head PM scores)."""
+    if window < 1:
+        raise AxesReportError(f"--window must be >= 1, got {window}")
+    labels = read_axis_labels(run_dir)
+    pm = read_pm_scores(run_dir)
+    report: dict[str, Any] = {"run_dir": str(run_dir), "window": window, "bootstrap_samples": num_samples}
+    for key, by_iter in (("labels", labels), ("pm_scores", pm)):
+        report[key] = None
+        if any(by_iter.values()):
+            unit, what = SOURCES[key]
+            report[key] = {"unit": unit, "what": what} | source_report(by_iter, window=window,
+                                                                       num_samples=num_samples, seed=seed)
+    return report
+
+
+def plot_heatmap(win: dict[str, Any], title: str, path: Path, *, what: str, unit: str) -> Path:
     """A correlation heatmap (blue negative, red positive; blank where undefined)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -118,8 +187,8 @@ def plot_heatmap(win: dict[str, Any], title: str, path: Path) -> Path:
     image = ax.imshow(values, cmap="coolwarm", vmin=-1, vmax=1)
     ax.set_xticks(range(len(axes)), axes, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(axes)), axes, fontsize=8)
-    ax.set_title(f"{title} (n={win['num_pairs']} pairs)", fontsize=9)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="Pearson r of per-axis labels")
+    ax.set_title(f"{title} (n={win['n']} {unit}s)", fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8, label=f"Pearson r of {what}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -127,23 +196,39 @@ def plot_heatmap(win: dict[str, Any], title: str, path: Path) -> Path:
 
 
 def write_axes_report(run_dir: Path, out: Path, *, window: int, num_samples: int, seed: int) -> dict[str, Any]:
-    """``axes.json`` and ``axes_overall.png`` / ``axes_iter_A-B.png`` under ``out``."""
+    """``axes.json`` and, per source, ``<source>_overall.png`` / ``<source>_iter_A-B.png`` under ``out``."""
     report = axes_report(run_dir, window=window, num_samples=num_samples, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
-    report["plots"] = [str(plot_heatmap(report["overall"], "all iterations", out / "axes_overall.png"))]
-    for win in report["windows"]:
-        a, b = win["iterations"]
-        report["plots"].append(str(plot_heatmap(win, f"iterations {a}-{b}", out / f"axes_iter_{a:04d}-{b:04d}.png")))
+    report["plots"] = []
+    for key in SOURCES:
+        src = report[key]
+        if src is None:
+            continue
+        style = {"what": src["what"], "unit": src["unit"]}
+        report["plots"].append(str(plot_heatmap(src["overall"], f"{key}: all iterations",
+                                                out / f"{key}_overall.png", **style)))
+        for win in src["windows"]:
+            a, b = win["iterations"]
+            report["plots"].append(str(plot_heatmap(win, f"{key}: iterations {a}-{b}",
+                                                    out / f"{key}_iter_{a:04d}-{b:04d}.png", **style)))
     (out / "axes.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     return report
 
 
 def format_trade_offs(report: dict[str, Any]) -> str:
-    """A short text summary: the most anti-correlated pairs of the whole run."""
-    overall = report["overall"]
-    lines = [f"{overall['num_pairs']} labelled pairs, {len(overall['axes'])} axes"]
-    if not overall["trade_offs"]:
-        lines.append("no axis pair is reliably anti-correlated (no 95% interval wholly below 0)")
-    for t in overall["trade_offs"]:
-        lines.append(f"trade-off {t['axes'][0]} vs {t['axes'][1]}: r={t['r']:.2f} [{t['ci'][0]:.2f}, {t['ci'][1]:.2f}]")
+    """A short text summary: per source, the most anti-correlated pairs of the whole run."""
+    lines = []
+    if report["pm_scores"] is None:
+        lines.append(f"no {PM_SCORES_DIR}/iter_*.jsonl: the run had no per-axis preference model")
+    for key in SOURCES:
+        src = report[key]
+        if src is None:
+            continue
+        overall = src["overall"]
+        lines.append(f"{key}: {overall['n']} {src['unit']}s, {len(overall['axes'])} axes")
+        if not overall["trade_offs"]:
+            lines.append("  no axis pair is reliably anti-correlated (no 95% interval wholly below 0)")
+        for t in overall["trade_offs"]:
+            lines.append(f"  trade-off {t['axes'][0]} vs {t['axes'][1]}: r={t['r']:.2f} "
+                         f"[{t['ci'][0]:.2f}, {t['ci'][1]:.2f}]")
     return "\n".join(lines)

@@ -6,7 +6,9 @@ Each iteration:
   3. append the fresh labels to the preference data (a replay window of older iterations is kept);
   4. measure the preference model's accuracy on the fresh labels *before* updating it (the
      distribution-shift signal the online loop exists to fix), then update it -- when the policy's reward
-     comes from it, or as a monitor with DPO (``schedule.preference_model``);
+     comes from it, or as a monitor with DPO (``schedule.preference_model``). A multi-head PM (one head per
+     ``feedback.label_axes`` axis) first scores the iteration's samples -- held out from it, as it has not
+     trained on them yet -- into ``pm_scores/iter_NNNN.jsonl`` for the ``cai-ray axes`` correlation report;
   5. update the policy: online DPO straight from the labels, or PPO / GRPO / RLOO / REINFORCE++ with the
      preference model's score as reward (KL to the reference inside the learner);
   6. push the new weights into the engines; log; checkpoint every N iterations.
@@ -35,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from cai_ray.algorithms.preference import calibration_metrics, preference_loss
+from cai_ray.axes_report import PM_SCORES_DIR
 from cai_ray.config import ExperimentConfig
 from cai_ray.data import read_prompts, write_jsonl
 from cai_ray.metrics import Metrics, MetricsWriter, PhaseTimer
@@ -100,6 +103,8 @@ def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> lis
             if empty is None:
                 pm_metrics = {}
                 if roles.learner.roles.preference_model:  # schedule.preference_model: its reward, or a monitor
+                    with timer.phase("pm_scores"):  # before the update: samples the PM has not trained on
+                        write_pm_scores(roles.learner, samples, run_dir / PM_SCORES_DIR / f"iter_{it:04d}.jsonl")
                     with timer.phase("pm_update"):
                         state.replay = (state.replay + [fresh])[-cfg.schedule.replay_window:]
                         pm_metrics = update_preference_model(roles.learner, fresh, state.replay,
@@ -123,11 +128,7 @@ def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> lis
             metrics = {"iteration": float(it), "weight_version": float(state.version), "iteration/empty": 0.0,
                        **sample_metrics, **label_stats(labels),
                        **pm_metrics, **policy_metrics, **sync_metrics, **red_metrics, **timer.metrics()}
-            writer.log(it, metrics)
-            history.append(metrics)
-            bar.set_postfix(reward=f"{metrics.get('reward/mean', math.nan):.3f}",
-                            pm_acc=f"{metrics.get('pm_fresh/accuracy', math.nan):.2f}")
-            bar.update()
+            history.append(log_iteration(writer, bar, it, metrics))
     red_team.plot(run_dir / "metrics.jsonl")
     return history
 
@@ -167,6 +168,15 @@ def check_judge(roles: Roles, cfg: ExperimentConfig, run_dir: Path) -> None:
                          trained_axes=trained_axes(constitution, cfg.feedback.label_axes, cfg.constitution.tiers))
     (run_dir / "judge_check.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     warn_if_at_chance(report)
+
+
+def log_iteration(writer: MetricsWriter, bar: tqdm, iteration: int, metrics: Metrics) -> Metrics:
+    """Log one iteration's metrics and show its reward and PM accuracy on the progress bar; returns them."""
+    writer.log(iteration, metrics)
+    bar.set_postfix(reward=f"{metrics.get('reward/mean', math.nan):.3f}",
+                    pm_acc=f"{metrics.get('pm_fresh/accuracy', math.nan):.2f}")
+    bar.update()
+    return metrics
 
 
 # ------------------------------------------------------------------------------------ phases
@@ -215,6 +225,25 @@ def axis_preference_accuracy(scores: Sequence[Sequence[float]], pairs: Sequence[
         _, m = preference_loss(reward_a=heads[:, 0, j], reward_b=heads[:, 1, j], prob_a=targets[:, j])
         out |= {f"pm_fresh/{axis}/{'loss' if k == 'loss/pm' else k.removeprefix('pm/')}": v for k, v in m.items()}
     return out
+
+
+def pm_score_rows(samples: Sequence[Sample], scores: Sequence[Sequence[float]],
+                  axes: Sequence[str]) -> list[dict[str, object]]:
+    """One row per sample: its prompt, index and weight version, and each PM head's score by axis."""
+    return [{"prompt_id": s.prompt_id, "sample_index": s.sample_index, "weight_version": s.weight_version,
+             "scores": dict(zip(axes, row, strict=True))} for s, row in zip(samples, scores, strict=True)]
+
+
+def write_pm_scores(learner: LearnerGroup, samples: Sequence[Sample], path: Path) -> None:
+    """The multi-head PM's per-axis scores of this iteration's samples as JSONL, for ``cai-ray axes``.
+
+    Called before the PM's update, so the PM has trained on none of these samples: they are held out from it
+    the way ``pm_fresh/*`` is. Nothing is written for a one-head PM or an iteration without samples.
+    """
+    axes = learner.roles.pm_axes
+    if axes and samples:
+        seqs = [TrainSequence(s.prompt_token_ids, s.response_token_ids) for s in samples]
+        write_jsonl(pm_score_rows(samples, learner.pm_axis_scores(seqs), axes), path)
 
 
 def update_preference_model(learner: LearnerGroup, fresh: Sequence[TrainPair], replay: Sequence[Sequence[TrainPair]],

@@ -54,28 +54,41 @@ def test_per_axis_labels_one_call_swap_exact(tiny_model_path: str) -> None:
         assert label.prob_a == aggregate_label(label.axis_probs, mode="priority", ranks=ranks, margin=0.01)
 
 
-def test_loop_with_per_axis_labels_and_priority(ray_local: None, tmp_path) -> None:
-    """Two RL iterations (SL skipped: the suite runs SL elsewhere) on the 12-axis constitution, all axes."""
+def test_loop_with_per_axis_labels_and_priority(sl_policy: str, tmp_path) -> None:
+    """SL-CAI (the session's ``sl_policy``, shared with the other loop tests), then two RL iterations from it on
+    the 12-axis constitution, every axis labelled, priority aggregation end to end."""
     import json
+    import math
     from pathlib import Path
 
+    from cai_ray.algorithms.aggregation import aggregate_label
     from cai_ray.config import load_config
     from cai_ray.constitution import load_constitution
     from cai_ray.pipelines.run import run_experiment
 
     quickstart = Path(__file__).parents[2] / "configs" / "quickstart-cpu.yaml"
     cfg = load_config(quickstart, [f"logging.output_dir={tmp_path}/{{name}}", "logging.wandb_mode=disabled",
-                                   "cluster.num_cpus=8", "constitution.path=axes12", "feedback.label_axes=all",
+                                   "cluster.num_cpus=8", f"models.policy.name={sl_policy}",
+                                   "constitution.path=axes12", "feedback.label_axes=all",
                                    "feedback.aggregation.mode=priority", "feedback.aggregation.margin=0.01",
                                    "schedule.num_prompts_per_iteration=4", "rollout.max_new_tokens=8",
                                    "learner.algorithm=grpo"])  # rewards from the multi-head PM, GDPO advantages
     run_dir = run_experiment(cfg, sl=False, rl=True)
-    axes = load_constitution("axes12").axis_ids
+    c = load_constitution("axes12")
+    axes, ranks = c.axis_ids, {a: c.axis_tier_rank(a) for a in c.axis_ids}
     for it in range(2):
         rows = [json.loads(x) for x in (run_dir / "labels" / f"iter_{it:04d}.jsonl").read_text().splitlines()]
         ok = [r for r in rows if r["error"] is None]
         assert ok and all(set(r["axis_probs"]) == set(axes) for r in ok)
         assert all(0.0 <= p <= 1.0 for r in ok for p in r["axis_probs"].values())
+        for r in ok:  # the training label is the tiers' priority decision over the per-axis labels
+            assert r["prob_a"] == pytest.approx(aggregate_label(r["axis_probs"], mode="priority", ranks=ranks,
+                                                                margin=0.01), abs=1e-12)
+        # the multi-head PM's scores of the iteration's samples, taken before its update (held out from it)
+        scored = [json.loads(x) for x in (run_dir / "pm_scores" / f"iter_{it:04d}.jsonl").read_text().splitlines()]
+        assert len(scored) == 2 * 4  # rollout.num_samples_per_prompt x schedule.num_prompts_per_iteration
+        assert all(list(r["scores"]) == list(axes) and all(map(math.isfinite, r["scores"].values())) for r in scored)
+        assert {r["weight_version"] for r in scored} == {it}  # sync schedule: sampled by the version it trains
     history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [int(m["iteration"]) for m in history] == [0, 1]
     for m in history:
@@ -102,7 +115,13 @@ def test_loop_with_per_axis_labels_and_priority(ray_local: None, tmp_path) -> No
 
     assert main(["axes", "--run-dir", str(run_dir), "--bootstrap", "50"]) == 0
     report = json.loads((run_dir / "axes" / "axes.json").read_text())
-    assert report["overall"]["axes"] == list(axes) and len(report["windows"]) == 2
-    assert report["overall"]["num_pairs"] == sum(w["num_pairs"] for w in report["windows"]) > 0
-    assert len(report["overall"]["matrix"]) == len(axes)
+    for key, per_iteration in (("labels", None), ("pm_scores", 8)):  # 4 prompts x 2 samples, all centred pairs
+        src = report[key]
+        assert src["overall"]["axes"] == list(axes) and len(src["windows"]) == 2
+        assert src["overall"]["n"] == sum(w["n"] for w in src["windows"]) > 0
+        assert per_iteration is None or [w["n"] for w in src["windows"]] == [per_iteration] * 2
+        assert len(src["overall"]["matrix"]) == len(axes) and len(src["trend"]) == len(axes) * (len(axes) - 1) // 2
+        assert all(len(rs) == 2 for rs in src["trend"].values())
+    plots = {Path(p).name for p in report["plots"]}
+    assert {"labels_overall.png", "pm_scores_overall.png", "pm_scores_iter_0001-0001.png"} <= plots
     assert all(Path(p).is_file() for p in report["plots"])
