@@ -229,6 +229,7 @@ def format_trade_offs(report: dict[str, Any]) -> str:
         if not overall["trade_offs"]:
             lines.append("  no axis pair is reliably anti-correlated (no 95% interval wholly below 0)")
         for t in overall["trade_offs"]:
+            by_window = " ".join("-" if r is None else f"{r:.2f}" for r in src["trend"]["|".join(t["axes"])])
             lines.append(f"  trade-off {t['axes'][0]} vs {t['axes'][1]}: r={t['r']:.2f} "
-                         f"[{t['ci'][0]:.2f}, {t['ci'][1]:.2f}]")
+                         f"[{t['ci'][0]:.2f}, {t['ci'][1]:.2f}]; by window: {by_window}")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from cai_ray.axes_report import (
     AxesReportError,
     axes_report,
     correlation_with_ci,
+    format_trade_offs,
     pearson,
     read_pm_scores,
     write_axes_report,
@@ -78,6 +79,9 @@ def test_trade_offs_and_windows(tmp_path: Path) -> None:
     assert [w["iterations"] for w in windows] == [[0, 1], [2, 2]]
     assert windows[0]["n"] == 12 and windows[0]["num_units"] == 12
     assert report["labels"]["trend"]["honesty|verbosity"] == pytest.approx([-1.0, -1.0])
+    text = format_trade_offs(report)
+    assert "trade-off honesty vs verbosity: r=-1.00 [-1.00, -1.00]; by window: -1.00 -1.00" in text
+    assert "the run had no per-axis preference model" in text
     assert report["pm_scores"] is None  # no multi-head PM in this run
 
 
