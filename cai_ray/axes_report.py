@@ -225,7 +225,12 @@ def format_trade_offs(report: dict[str, Any]) -> str:
         if src is None:
             continue
         overall = src["overall"]
-        lines.append(f"{key}: {overall['n']} {src['unit']}s, {len(overall['axes'])} axes")
+        tested = sum(cell["ci"] is not None for cell in overall["pairs"].values())
+        # one-sided: an interval wholly below 0 by chance alone has probability about alpha/2 per tested pair,
+        # more with few units (a percentile interval from < ~20 units is too narrow)
+        lines.append(f"{key}: {overall['n']} {src['unit']}s ({overall['num_units']} resampled units), "
+                     f"{len(overall['axes'])} axes; {len(overall['trade_offs'])} of {tested} pairs called "
+                     f"trade-offs (about {0.025 * tested:.1f} would be by chance alone)")
         if not overall["trade_offs"]:
             lines.append("  no axis pair is reliably anti-correlated (no 95% interval wholly below 0)")
         for t in overall["trade_offs"]:

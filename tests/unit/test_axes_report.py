@@ -123,7 +123,8 @@ def test_files_cli_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     _pm_scores(run, 0, {"p": [(0.0, 1.0), (1.0, 0.0)], "q": [(0.0, 0.0), (2.0, 1.0)]}, ["a", "b"])
     assert main(["axes", "--run-dir", str(run), "--bootstrap", "20"]) == 0
     out = capsys.readouterr().out
-    assert "labels: 3 labelled pairs, 2 axes" in out and "pm_scores: 4 held-out policy samples, 2 axes" in out
+    assert "labels: 3 labelled pairs (3 resampled units), 2 axes;" in out
+    assert "pm_scores: 4 held-out policy samples (2 resampled units), 2 axes;" in out
     saved = json.loads((run / "axes" / "axes.json").read_text())
     assert {Path(p).name for p in saved["plots"]} == {"labels_overall.png", "labels_iter_0000-0000.png",
                                                       "pm_scores_overall.png", "pm_scores_iter_0000-0000.png"}
