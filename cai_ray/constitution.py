@@ -316,7 +316,7 @@ def _comparison_few_shot(constitution: Constitution, num_few_shot: int, *, layou
     turns: list[Message] = []
     for ex in examples[:num_few_shot]:
         question = _question(ex.prompt, by_id[ex.principle], ex.response_a, ex.response_b, layout)
-        thought = f"{COT_TRIGGER} {ex.reasoning}\n" if reasoning else ""  # type: ignore[attr-defined]
+        thought = f"{COT_TRIGGER} {ex.reasoning}\n" if reasoning else ""
         turns.append({"role": "user", "content": question})
         turns.append({"role": "assistant", "content": f"{thought}{ANSWER_PREFIX}{ex.answer})"})
     return turns

@@ -17,17 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from cai_ray.config import ClusterConfig, FeedbackConfig
-from cai_ray.types import (
-    ComparisonRequest,
-    DirectScore,
-    Judgement,
-    JudgeRequest,
-    PreferenceLabel,
-    Prompt,
-    RejectedItem,
-    RevisionBatch,
-    ScoreRequest,
-)
+from cai_ray.types import (ComparisonRequest, DirectScore, Judgement, JudgeRequest, PreferenceLabel, Prompt,
+                           RejectedItem, RevisionBatch, ScoreRequest)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -24,14 +24,7 @@ from typing import TypeVar
 
 from cai_ray.constitution import ANSWER_PREFIX
 from cai_ray.inference.engine import Engine, PromptRejected
-from cai_ray.inference.labels import (
-    RATINGS,
-    clamp,
-    expected_rating_score,
-    mean,
-    option_probability,
-    preference_label,
-)
+from cai_ray.inference.labels import RATINGS, clamp, expected_rating_score, mean, option_probability, preference_label
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -133,7 +126,7 @@ class Primitives:
         return results
 
     def _encode_all(self, texts: Sequence[tuple[str, str]], room: int) -> list[list[int] | Exception]:
-        """Token ids of each (item id, rendered prompt) that leaves ``room`` tokens of context, or its PromptRejected."""
+        """Token ids of each (item id, rendered prompt) leaving ``room`` tokens of context, or its PromptRejected."""
         encoded: list[list[int] | Exception] = []
         limit = self.engine.max_model_len
         for item_id, text in texts:
