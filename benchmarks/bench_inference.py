@@ -8,6 +8,11 @@
    (b) raw vLLM ``prompt_logprobs`` scoring of every (pair, order, option) sequence in one batched call.
    Both baselines render the same prompts with the same principles, on an engine with the same
    arguments, and their labels are checked against the pool's. Target: pool >= 1.5x naive.
+3. Labels/s along K behavioural axes (``feedback.label_axes``, constitution ``axes12``): the same pairs labelled
+   on 1, 4 and 12 axes by three pools (one worker each, otherwise configured alike). Per-axis prompts put the
+   question after the responses, so a pair's K axes share the responses as a cached prefix; the claim is that
+   K axes cost well under K times one axis. Reported: labels/s per K, the ratio to one axis, and the cost per
+   axis relative to one axis (``(rate_1 / rate_K) / K``); a PNG shows them. ``--mode axes`` runs only this.
 
 Every measurement alternates (A B A B ...) after a warm-up, with this process at the actors' niceness
 (Ray runs workers at nice 15; on a shared machine a nice-0 baseline would win on priority alone). Each
@@ -15,7 +20,7 @@ repetition uses fresh pairs so the prefix cache only helps with what real labell
 constitution's few-shot prefix). JSON goes to ``benchmarks/results/`` with the machine, package
 versions, the command and every repetition.
 
-    python -m benchmarks.bench_inference [--quick] [--model tiny-random-llama] [--reps 5]
+    python -m benchmarks.bench_inference [--quick] [--model tiny-random-llama] [--reps 5] [--mode all|axes]
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--niceness", choices=["match", "keep"], default="match",
                    help="match: run this process at the actors' niceness (Ray starts workers at nice 15), so the "
                         "in-process baselines get no scheduling edge on a shared machine; keep: leave it")
+    p.add_argument("--mode", choices=["all", "axes"], default="all",
+                   help="all: rollout, labels and per-axis labels; axes: only labels/s on 1, 4 and 12 axes")
     p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON result")
     args = p.parse_args(argv)
     if args.quick:
@@ -65,6 +72,110 @@ def rates(runs: list[tuple[float, float]]) -> dict[str, Any]:
 def median_ratio(ours: list[tuple[float, float]], base: list[tuple[float, float]]) -> float:
     """Median over repetitions of (our rate / baseline rate), paired by repetition."""
     return statistics.median((u1 / s1) / (u2 / s2) for (s1, u1), (s2, u2) in zip(ours, base))
+
+
+AXIS_COUNTS = (1, 4, 12)  # the issue's K: one axis, a few, and every axis of axes12
+
+
+def sample_pairs(llm: Any, tokenizer: Any, records: Sequence[Any], args: argparse.Namespace) -> list[Any]:
+    """Real responses to label: 4 sampled once per prompt, cut into 2 pairs per prompt (fresh pairs per repetition)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from cai_ray.constitution import render_chat
+    from cai_ray.types import ComparisonRequest, Prompt
+
+    source = [Prompt(r.id, r.prompt) for r in records]
+    src_ids = [tokenizer.encode(render_chat(tokenizer, [{"role": "user", "content": p.text}]),
+                                add_special_tokens=False) for p in source]
+    need_prompts = -(-args.pairs * (args.reps + 1) // 2)  # 2 pairs per prompt
+    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in src_ids[:need_prompts]],
+                        SamplingParams(n=4, temperature=1.0, max_tokens=args.max_new_tokens, seed=args.seed + 1),
+                        use_tqdm=False)
+    all_pairs = [ComparisonRequest(f"{p.id}-{j}", p.text, o.outputs[a].text, o.outputs[b].text)
+                 for p, o in zip(source, outs) for j, (a, b) in enumerate([(0, 1), (2, 3)])]
+    if len(all_pairs) < args.pairs * (args.reps + 1):
+        raise SystemExit(f"only {len(all_pairs)} pairs available; lower --pairs or --reps")
+    return all_pairs
+
+
+def measure_axes(args: argparse.Namespace, model: Any, feedback: Any, data: Any, cluster: Any,
+                 pairs_for: Any) -> dict[str, Any]:
+    """Labels/s for K = 1, 4, 12 axes of ``axes12``: one pool per K (one worker each), the same pairs, alternated.
+
+    A label is one pair labelled on all K axes (each axis one principle, both orders). Also checks that the axes
+    the K share get the same labels (to the cross-call tolerance) whatever K.
+    """
+    from cai_ray.config import ConstitutionConfig
+    from cai_ray.constitution import load_constitution
+    from cai_ray.inference.feedback import start_feedback_pool
+
+    constitution = ConstitutionConfig(path="axes12", num_few_shot=1)
+    axes = load_constitution(constitution.path).axis_ids
+    pools: dict[int, Any] = {}
+    labels: dict[int, dict[str, dict[str, float]]] = {k: {} for k in AXIS_COUNTS}
+    errors = {k: 0 for k in AXIS_COUNTS}
+    try:
+        for k in AXIS_COUNTS:
+            cfg = type(feedback).model_validate(feedback.model_dump() | {"label_axes": list(axes[:k])})
+            pools[k] = start_feedback_pool(model, cfg, constitution, data, cluster, seed=args.seed)
+
+        def side(k: int) -> Any:
+            def run(rep: int) -> float:
+                for label in pools[k].label_pairs(pairs_for(rep)):
+                    errors[k] += label.error is not None
+                    labels[k][label.pair_id] = label.axis_probs or {}
+                return args.pairs
+            return run
+
+        runs = alternate({f"{k}_axes": side(k) for k in AXIS_COUNTS}, args.reps)
+    finally:
+        for pool in pools.values():
+            pool.shutdown()
+    rate = {k: rates(runs[f"{k}_axes"]) for k in AXIS_COUNTS}
+    ratio = {k: median_ratio(runs[f"{k}_axes"], runs["1_axes"]) for k in AXIS_COUNTS}
+    shared = [abs(labels[k][pid][a] - labels[1][pid][a]) for k in AXIS_COUNTS[1:] for pid in labels[1]
+              for a in labels[1][pid] if labels[k].get(pid)]
+    return {
+        "unit": "pairs labelled on all K axes (one principle per axis, both orders)",
+        "constitution": constitution.path, "axis_counts": list(AXIS_COUNTS), "axes": list(axes),
+        "rate": {str(k): rate[k] for k in AXIS_COUNTS},
+        "axis_labels_per_s_median": {str(k): k * rate[k]["summary"]["median"] for k in AXIS_COUNTS},
+        "median_ratio_vs_1_axis": {str(k): ratio[k] for k in AXIS_COUNTS},
+        # 1.0: an axis costs what one axis alone costs (K times the work); well under 1: the K axes share work.
+        "cost_per_axis_vs_1_axis": {str(k): 1.0 / (ratio[k] * k) for k in AXIS_COUNTS},
+        "item_errors": {str(k): errors[k] for k in AXIS_COUNTS},
+        "max_abs_diff_shared_axes_vs_1_axis": max(shared, default=0.0),
+    }
+
+
+def plot_axes(axes: dict[str, Any], path: Path, *, title: str) -> None:
+    """Labels/s per K with the "K times one axis" line, and the cost per axis relative to one axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = axes["axis_counts"]
+    med = [axes["rate"][str(k)]["summary"]["median"] for k in ks]
+    low = [m - axes["rate"][str(k)]["summary"]["min"] for k, m in zip(ks, med)]
+    high = [axes["rate"][str(k)]["summary"]["max"] - m for k, m in zip(ks, med)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
+    left.bar([str(k) for k in ks], med, yerr=[low, high], capsize=4, label="measured (median, min-max)")
+    left.plot([str(k) for k in ks], [med[0] / k for k in ks], "r--o", label="if K axes cost K x one axis")
+    left.set_xlabel("axes labelled per pair (K)")
+    left.set_ylabel("labels/s (pairs on all K axes)")
+    left.legend(fontsize=7)
+    cost = [axes["cost_per_axis_vs_1_axis"][str(k)] for k in ks]
+    right.bar([str(k) for k in ks], cost, color="tab:green")
+    right.axhline(1.0, color="red", linestyle="--", label="no sharing (K x one axis)")
+    right.set_xlabel("axes labelled per pair (K)")
+    right.set_ylabel("cost per axis / cost of one axis")
+    right.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -92,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from cai_ray.data import load_prompts
     from cai_ray.inference.engine import engine_args
     from cai_ray.seeds import stable_seed
-    from cai_ray.inference.feedback import option_continuations, start_feedback_pool
+    from cai_ray.inference.feedback import start_feedback_pool
+    from cai_ray.inference.label_modes import option_continuations
     from cai_ray.inference.labels import option_probability, preference_label
     from cai_ray.inference.rollout import start_rollout_workers
     from cai_ray.launcher import init_ray
@@ -120,6 +232,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     prompt_ids = [tokenizer.encode(render_chat(tokenizer, [{"role": "user", "content": p.text}]),
                                    add_special_tokens=False) for p in prompts]
 
+    if args.mode == "axes":  # per-axis labels only: no rollout actor, no in-process baseline
+        all_axis_pairs = sample_pairs(llm, tokenizer, records, args)
+        result = {"settings": settings(args, engine, feedback),
+                  "axes": measure_axes(args, model, feedback, data, cluster,
+                                       lambda rep: pairs_of(all_axis_pairs, rep, args.pairs))}
+        return finish(result, args, argv)
     fleet = start_rollout_workers(model, rollout, data, cluster, seed=args.seed)
     workers = fleet.workers
     pool = start_feedback_pool(model, feedback, constitution_cfg, data, cluster, seed=args.seed)
@@ -145,22 +263,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         same_tokens = [u for _, u in rollout_runs["actor"]] == [u for _, u in rollout_runs["direct"]]
 
         # ------------------------------------------------------------------------------- labels
-        # Real responses to label: sampled once from more prompts, cut into fresh pairs per repetition.
-        source = [Prompt(r.id, r.prompt) for r in records]
-        src_ids = [tokenizer.encode(render_chat(tokenizer, [{"role": "user", "content": p.text}]),
-                                    add_special_tokens=False) for p in source]
-        need_prompts = -(-args.pairs * (args.reps + 1) // 2)  # 2 pairs per prompt
-        outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in src_ids[:need_prompts]],
-                            SamplingParams(n=4, temperature=1.0, max_tokens=args.max_new_tokens, seed=args.seed + 1),
-                            use_tqdm=False)
-        all_pairs = [ComparisonRequest(f"{p.id}-{j}", p.text, o.outputs[a].text, o.outputs[b].text)
-                     for p, o in zip(source, outs) for j, (a, b) in enumerate([(0, 1), (2, 3)])]
-        if len(all_pairs) < args.pairs * (args.reps + 1):
-            raise SystemExit(f"only {len(all_pairs)} pairs available; lower --pairs or --reps")
+        all_pairs = sample_pairs(llm, tokenizer, records, args)
 
         def pairs_for(rep: int) -> list[ComparisonRequest]:
-            start = (rep + 1) * args.pairs
-            return all_pairs[start:start + args.pairs]
+            return pairs_of(all_pairs, rep, args.pairs)
 
         option_a, option_b = option_continuations(lambda s: tokenizer.encode(s, add_special_tokens=False))
         assert len(option_a) == len(option_b) == 1, "baselines assume single-token options"
@@ -212,11 +318,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             return max(abs(labels["pool"][k] - labels[other][k]) for k in labels["pool"])
 
         result: dict[str, Any] = {
-            "settings": {"model": args.model, "dtype": args.dtype, "reps": args.reps, "prompts": args.prompts,
-                         "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens,
-                         "pairs_per_rep": args.pairs, "threads_per_engine": args.threads, "seed": args.seed,
-                         "engine": engine.model_dump(), "feedback_workers": feedback.num_workers,
-                         "feedback_batch_size": feedback.batch_size, "niceness": niceness},
+            "settings": settings(args, engine, feedback) | {"niceness": niceness},
             "rollout": {
                 "unit": "generated tokens",
                 "actor": rates(rollout_runs["actor"]),
@@ -240,15 +342,43 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     finally:
         pool.shutdown()
         fleet.shutdown()
+    result["axes"] = measure_axes(args, model, feedback, data, cluster, pairs_for)
+    return finish(result, args, argv)
 
+
+def settings(args: argparse.Namespace, engine: Any, feedback: Any) -> dict[str, Any]:
+    """The settings every measurement shares (recorded in the JSON)."""
+    return {"mode": args.mode, "model": args.model, "dtype": args.dtype, "reps": args.reps, "prompts": args.prompts,
+            "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens, "pairs_per_rep": args.pairs,
+            "threads_per_engine": args.threads, "seed": args.seed, "engine": engine.model_dump(),
+            "feedback_workers": feedback.num_workers, "feedback_batch_size": feedback.batch_size}
+
+
+def pairs_of(all_pairs: Sequence[Any], rep: int, n: int) -> list[Any]:
+    """Repetition ``rep``'s ``n`` fresh pairs (rep -1 is the warm-up)."""
+    start = (rep + 1) * n
+    return list(all_pairs[start:start + n])
+
+
+def finish(result: dict[str, Any], args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    """Write the JSON (its path in ``result["json"]``) and the per-axis PNG next to it; print the ratios."""
     path = write_result("inference", result, quick=args.quick, out_dir=Path(args.out),
                         command=command_line("benchmarks.bench_inference", argv))
+    s = result["settings"]
+    plot_axes(result["axes"], path.with_suffix(".png"),
+              title=f"labels/s along K axes (axes12, {s['model']}, {s['pairs_per_rep']} pairs per rep, "
+                    f"{s['threads_per_engine']} thread(s) per engine)")
     result["json"] = str(path)
-    r, lab = result["rollout"], result["labels"]
-    print(f"rollout tokens/s actor/direct median ratio {r['median_ratio_actor_vs_direct']:.3f} (target >= 0.95)")
-    print(f"labels/s pool/naive median ratio {lab['median_ratio_pool_vs_naive']:.2f} (target >= 1.5), "
-          f"pool/raw {lab['median_ratio_pool_vs_raw']:.2f}")
-    print(f"wrote {path}")
+    if "rollout" in result:
+        r, lab = result["rollout"], result["labels"]
+        print(f"rollout tokens/s actor/direct median ratio {r['median_ratio_actor_vs_direct']:.3f} (target >= 0.95)")
+        print(f"labels/s pool/naive median ratio {lab['median_ratio_pool_vs_naive']:.2f} (target >= 1.5), "
+              f"pool/raw {lab['median_ratio_pool_vs_raw']:.2f}")
+    ax = result["axes"]
+    print("labels/s along K axes: " + ", ".join(
+        f"K={k}: {ax['rate'][str(k)]['summary']['median']:.1f}/s (x{ax['median_ratio_vs_1_axis'][str(k)]:.2f} of one "
+        f"axis, cost per axis {ax['cost_per_axis_vs_1_axis'][str(k)]:.2f})" for k in ax["axis_counts"]))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
     return result
 
 

@@ -90,7 +90,7 @@ class ConstitutionJudge:
     def __init__(self, model: Any, constitution: Any, num_few_shot: int, seed: int) -> None:
         import torch
 
-        from cai_ray.inference.feedback import option_continuations
+        from cai_ray.inference.label_modes import option_continuations
 
         self.model = model.causal_lm(dtype=torch.float32).eval()  # model: a cai_ray.models.ModelRef
         self.tokenizer = model.tokenizer()

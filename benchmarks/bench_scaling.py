@@ -129,7 +129,7 @@ def measure_feedback(workers: Sequence[Any], feedback: Any, pair_sets: dict[tupl
                      counts: Sequence[int], reps: int,
                      cluster: Any) -> tuple[dict[int, list[tuple[float, float]]], int]:
     """Labelled pairs per repetition through a FeedbackPool over the first n workers; and the item errors."""
-    from cai_ray.inference.feedback import FeedbackPool
+    from cai_ray.inference.feedback_pool import FeedbackPool
 
     pools = {n: FeedbackPool(workers[:n], feedback, cluster) for n in counts}
     errors = [0]

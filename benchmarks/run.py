@@ -122,11 +122,14 @@ def _row(part: str, metric: str, value: float | None, *, target: float | None = 
 
 
 def _rows_inference(r: dict[str, Any]) -> list[dict[str, Any]]:
+    axes = r["axes"]
     return [_row("inference", "rollout tokens/s: actors vs vLLM direct", r["rollout"]["median_ratio_actor_vs_direct"],
                  target=r["rollout"]["target"]),
             _row("inference", "labels/s: pool vs naive (generate per option)",
                  r["labels"]["median_ratio_pool_vs_naive"], target=r["labels"]["target_vs_naive"]),
-            _row("inference", "labels/s: pool vs raw vLLM prompt_logprobs", r["labels"]["median_ratio_pool_vs_raw"])]
+            _row("inference", "labels/s: pool vs raw vLLM prompt_logprobs", r["labels"]["median_ratio_pool_vs_raw"]),
+            *[_row("inference", f"cost per axis, {k} axes vs 1 (1.0: K x one axis)",
+                   axes["cost_per_axis_vs_1_axis"][str(k)], better="lower") for k in axes["axis_counts"][1:]]]
 
 
 def _rows_learner(r: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Constitutions: load and validate the YAML format, sample principles, render the four prompt kinds.
+"""Constitutions: load and validate the YAML format, sample principles, render the feedback prompts.
 
 The prompt kinds follow Bai et al. 2022 (arXiv 2212.08073):
 - critique: the conversation, then a critique request drawn from one principle;
@@ -7,6 +7,9 @@ The prompt kinds follow Bai et al. 2022 (arXiv 2212.08073):
   label is the normalised probability of "A" vs "B";
 - CoT comparison: the same question answered after "Let's think step by step"; the answer is scored
   once the reasoning is generated.
+A comparison asks its question before the options (the paper's layout) or, for per-axis labels, after them
+(:data:`Layout`). Two more renderers serve the feedback model: a 1-10 rating of one response (d-RLAIF direct
+scores) and a yes/no question about one response (evaluation judgements).
 Everything goes through the model's chat template when it has one, else the paper's Human/Assistant format.
 """
 
@@ -22,8 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 SHIPPED_DIR = Path(__file__).parent / "constitutions"
 ANSWER_PREFIX = "The answer is: ("
 COT_TRIGGER = "Let's think step by step:"
+RATING_PREFIX = "The rating is: ("
 
 Stage = Literal["critique", "comparison"]
+# Where a comparison puts the principle's question. "question_first" (the paper's): question, then the options.
+# "question_last": the options, then the question, so the prompts of one pair under many principles share the
+# whole conversation and both responses as a prefix (vLLM's prefix cache computes it once per order); used for
+# per-axis labels and the judge check.
+Layout = Literal["question_first", "question_last"]
 
 
 class ConstitutionError(ValueError):
@@ -273,51 +282,85 @@ def _few_shot_critiques(constitution: Constitution, num_few_shot: int) -> list[M
 
 
 def critique_prompt(tokenizer: Any | None, constitution: Constitution, principle: Principle, *, prompt: str,
-                    response: str, num_few_shot: int = 1) -> str:
-    """The prompt whose continuation is the critique of ``response`` under ``principle``."""
+                    response: str, num_few_shot: int) -> str:
+    """The prompt whose continuation is the critique of ``response`` under ``principle``.
+
+    ``num_few_shot`` is ``constitution.num_few_shot`` of the config: the worked examples put in front.
+    """
     turns = _few_shot_critiques(constitution, num_few_shot) + _critique_turns(prompt, response, principle, None, None)
     return render_chat(tokenizer, turns) + "Critique:"
 
 
 def revision_prompt(tokenizer: Any | None, constitution: Constitution, principle: Principle, *, prompt: str,
-                    response: str, critique: str, num_few_shot: int = 1) -> str:
-    """The prompt whose continuation is the revised response."""
+                    response: str, critique: str, num_few_shot: int) -> str:
+    """The prompt whose continuation is the revised response (``num_few_shot`` as in :func:`critique_prompt`)."""
     turns = _few_shot_critiques(constitution, num_few_shot)
     turns += _critique_turns(prompt, response, principle, critique, None)
     return render_chat(tokenizer, turns) + "Revision:"
 
 
-def _question(prompt: str, principle: Principle, response_a: str, response_b: str) -> str:
-    return (
-        "Consider the following conversation between a human and an assistant:\n"
-        f"Human: {prompt}\n\n{principle.comparison}\n"
-        f"Options:\n(A) {response_a}\n(B) {response_b}"
-    )
+_CONVERSATION = "Consider the following conversation between a human and an assistant:\n"
 
 
-def _comparison_few_shot(constitution: Constitution, num_few_shot: int, *, cot: bool) -> list[Message]:
+def _question(prompt: str, principle: Principle, response_a: str, response_b: str, layout: Layout) -> str:
+    options = f"Options:\n(A) {response_a}\n(B) {response_b}"
+    if layout == "question_last":
+        return f"{_CONVERSATION}Human: {prompt}\n\n{options}\n\n{principle.comparison}"
+    return f"{_CONVERSATION}Human: {prompt}\n\n{principle.comparison}\n{options}"
+
+
+def _comparison_few_shot(constitution: Constitution, num_few_shot: int, *, layout: Layout,
+                         reasoning: bool) -> list[Message]:
     by_id = {p.id: p for p in constitution.principles}
-    examples = constitution.few_shot.cot_comparison if cot else constitution.few_shot.comparison
+    examples = constitution.few_shot.cot_comparison if reasoning else constitution.few_shot.comparison
     turns: list[Message] = []
     for ex in examples[:num_few_shot]:
-        question = _question(ex.prompt, by_id[ex.principle], ex.response_a, ex.response_b)
-        reasoning = f"{COT_TRIGGER} {ex.reasoning}\n" if cot else ""
+        question = _question(ex.prompt, by_id[ex.principle], ex.response_a, ex.response_b, layout)
+        thought = f"{COT_TRIGGER} {ex.reasoning}\n" if reasoning else ""
         turns.append({"role": "user", "content": question})
-        turns.append({"role": "assistant", "content": f"{reasoning}{ANSWER_PREFIX}{ex.answer})"})
+        turns.append({"role": "assistant", "content": f"{thought}{ANSWER_PREFIX}{ex.answer})"})
     return turns
 
 
 def comparison_prompt(tokenizer: Any | None, constitution: Constitution, principle: Principle, *, prompt: str,
-                      response_a: str, response_b: str, num_few_shot: int = 1) -> str:
-    """The multiple-choice prompt; its next token is the option letter ("A" or "B")."""
-    turns = _comparison_few_shot(constitution, num_few_shot, cot=False)
-    turns.append({"role": "user", "content": _question(prompt, principle, response_a, response_b)})
+                      response_a: str, response_b: str, num_few_shot: int,
+                      layout: Layout = "question_first") -> str:
+    """The multiple-choice prompt; its next token is the option letter ("A" or "B").
+
+    ``num_few_shot`` is ``constitution.num_few_shot`` of the config. ``layout``: see :data:`Layout`.
+    """
+    turns = _comparison_few_shot(constitution, num_few_shot, layout=layout, reasoning=False)
+    turns.append({"role": "user", "content": _question(prompt, principle, response_a, response_b, layout)})
     return render_chat(tokenizer, turns) + ANSWER_PREFIX
 
 
 def cot_comparison_prompt(tokenizer: Any | None, constitution: Constitution, principle: Principle, *, prompt: str,
-                          response_a: str, response_b: str, num_few_shot: int = 1) -> str:
-    """The chain-of-thought prompt; generate the reasoning, then append :data:`ANSWER_PREFIX` and score."""
-    turns = _comparison_few_shot(constitution, num_few_shot, cot=True)
-    turns.append({"role": "user", "content": _question(prompt, principle, response_a, response_b)})
+                          response_a: str, response_b: str, num_few_shot: int,
+                          layout: Layout = "question_first") -> str:
+    """The chain-of-thought prompt; generate the reasoning, then append :data:`ANSWER_PREFIX` and score.
+
+    ``num_few_shot`` and ``layout`` as in :func:`comparison_prompt`.
+    """
+    turns = _comparison_few_shot(constitution, num_few_shot, layout=layout, reasoning=True)
+    turns.append({"role": "user", "content": _question(prompt, principle, response_a, response_b, layout)})
     return render_chat(tokenizer, turns) + COT_TRIGGER
+
+
+def rating_prompt(tokenizer: Any | None, principle: Principle, *, prompt: str, response: str) -> str:
+    """The d-RLAIF prompt: rate one response 1-10 against the principle's question; ends with :data:`RATING_PREFIX`."""
+    question = (
+        f"{_CONVERSATION}Human: {prompt}\nAssistant: {response}\n\n"
+        f"Judge the assistant's response by this question: {principle.comparison}\n"
+        "Rate the response on a scale from 1 (worst) to 10 (best)."
+    )
+    return render_chat(tokenizer, [{"role": "user", "content": question}]) + RATING_PREFIX
+
+
+def judge_prompt(tokenizer: Any | None, *, question: str, prompt: str, response: str, yes_first: bool = True) -> str:
+    """A yes/no ``question`` about one response as a multiple-choice prompt ending with :data:`ANSWER_PREFIX`.
+
+    ``yes_first`` lists "(A) Yes (B) No"; otherwise "(A) No (B) Yes" (the swapped order for debiasing).
+    """
+    options = "(A) Yes\n(B) No" if yes_first else "(A) No\n(B) Yes"
+    text = f"{_CONVERSATION}Human: {prompt}\nAssistant: {response}\n\n{question}\nOptions:\n{options}"
+    return render_chat(tokenizer, [{"role": "user", "content": text}]) + ANSWER_PREFIX

@@ -2,8 +2,9 @@
 
 A shipped calibration set (``cai_ray/calibration/judge_calibration.jsonl``) holds pairs where one
 response is unambiguously better on one named axis. Each pair is labelled on its axis (one principle of that axis)
-with the better response as (A); the worker scores both orders (swap-debiasing), so the label is
-order-free and its ``position_bias`` measures how much the judge prefers whichever option is listed first.
+with the better response as (A), in the per-axis layout (question after the responses); the worker scores both
+orders (swap-debiasing), so the label is order-free and its ``position_bias`` measures how much the judge
+prefers whichever option is listed first.
 Per axis: accuracy (label > 0.5; a 0.5 tie counts half) with a 95% Wilson interval (sound at the ~5
 pairs per axis; a percentile bootstrap of 5/5 hits would claim [1, 1]), mean position bias, and mean
 |p - 0.5| (how decisive the labels are). An axis is *at chance* when its interval reaches 0.5, or when

@@ -16,7 +16,8 @@ from typing import Any
 from cai_ray import launcher
 from cai_ray.backend import layout_threads
 from cai_ray.config import ExperimentConfig
-from cai_ray.inference.feedback import FeedbackPool, start_feedback_pool
+from cai_ray.inference.feedback import start_feedback_pool
+from cai_ray.inference.feedback_pool import FeedbackPool
 from cai_ray.inference.redteam import RedTeamWorkers, start_red_team_workers
 from cai_ray.inference.rollout import RolloutWorkers, start_rollout_workers
 from cai_ray.seeds import stable_seed

@@ -45,3 +45,13 @@ def test_bench_inference_quick_writes_json(ray_local: None, tiny_model_path: str
 
     assert labels["max_abs_label_diff_vs_naive"] < CROSS_CALL_TOLERANCE
     assert labels["max_abs_label_diff_vs_raw"] < 1e-4
+    # Labels/s along 1, 4 and 12 axes (axes12): every K measured each repetition, no item errors, the axes the K
+    # share labelled alike whatever K (other engines: the cross-call tolerance), and the PNG written.
+    axes = result["axes"]
+    assert axes["axis_counts"] == [1, 4, 12] and len(axes["axes"]) >= 12
+    for k in ("1", "4", "12"):
+        assert len(axes["rate"][k]["per_s"]) == reps and axes["item_errors"][k] == 0
+        assert axes["median_ratio_vs_1_axis"][k] > 0 and axes["cost_per_axis_vs_1_axis"][k] > 0
+    assert axes["median_ratio_vs_1_axis"]["1"] == 1.0
+    assert axes["max_abs_diff_shared_axes_vs_1_axis"] < CROSS_CALL_TOLERANCE
+    assert Path(returned["json"]).with_suffix(".png").is_file()

@@ -276,7 +276,7 @@ def test_bad_label_inputs_do_not_fail_the_batch(choice_worker: Any) -> None:
 
 
 def test_option_fallback_to_full_strings() -> None:
-    from cai_ray.inference.feedback import option_continuations
+    from cai_ray.inference.label_modes import option_continuations
 
     def single(text: str) -> list[int]:
         return [ord(c) for c in text]
@@ -289,7 +289,7 @@ def test_option_fallback_to_full_strings() -> None:
 
 
 def test_an_engine_error_fails_only_its_item(engine: Any) -> None:
-    from cai_ray.inference.feedback import _isolated
+    from cai_ray.inference.label_modes import _isolated
 
     good, bad = engine.encode("Hello there"), [10**9]  # a token id outside the vocabulary
     options = [engine.encode("A"), engine.encode("B")]

@@ -154,3 +154,28 @@ def test_rendering_is_deterministic_with_chat_template(tiny_model_path: str) -> 
     # A few-shot transcript precedes the real conversation.
     assert first["critique"].count("Critique request:") == 2
     assert any(_render_all_kinds(tok, c, seed=s)["principle_id"] != first["principle_id"] for s in range(4, 9))
+
+
+@pytest.mark.parametrize("render", [comparison_prompt, cot_comparison_prompt])
+def test_question_last_layout_shares_the_responses_across_principles(render: object) -> None:
+    """Per-axis labels: two principles' prompts for one pair share everything up to the question (vLLM's prefix
+    cache then computes the responses once per order); the paper's layout shares only up to the human turn."""
+    import os
+
+    c = load_constitution("axes12")
+    first, second = [p for p in c.principles if p.comparison][:2]
+    pair = dict(prompt="How do I pick a lock?", response_a="Here is how.", response_b="I can't help.",
+                num_few_shot=1)
+
+    def shared(layout: str) -> str:
+        texts = [render(None, c, p, layout=layout, **pair) for p in (first, second)]  # type: ignore[operator]
+        return os.path.commonprefix(texts)
+
+    last, paper = shared("question_last"), shared("question_first")
+    assert "Human: How do I pick a lock?\n\nOptions:\n(A) Here is how.\n(B) I can't help.\n\n" in last
+    assert "Here is how." not in paper.split("Human: How do I pick a lock?")[-1]
+    assert len(last) > len(paper)
+    question_last = render(None, c, first, layout="question_last", **pair)  # type: ignore[operator]
+    assert question_last.index(first.comparison) > question_last.index("(B) I can't help.")
+    # The few-shot examples take the same layout as the question they demonstrate.
+    assert question_last.count("Options:") == 2 and paper.count("Options:") == 1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cai_ray.config import ConfigError
-from cai_ray.constitution import ANSWER_PREFIX
+from cai_ray.constitution import ANSWER_PREFIX, judge_prompt
 from cai_ray.evaluation.items import (
     BENIGN,
     HARMFUL_QUESTION,
@@ -32,7 +32,6 @@ from cai_ray.evaluation.report import (
 )
 from cai_ray.evaluation.run import parse_checkpoints, run_checkpoints
 from cai_ray.evaluation.stats import Bootstrap, Estimate, bootstrap_ci, percentile_interval, verdicts
-from cai_ray.inference.feedback import judge_prompt
 from cai_ray.inference.labels import preference_label
 from cai_ray.types import Sample
 
