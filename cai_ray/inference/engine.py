@@ -23,6 +23,7 @@ the data config. The engine only receives :class:`ModelConfig` and :class:`Engin
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -94,6 +95,11 @@ class Engine:
 
     def __init__(self, model: ModelConfig, engine: EngineConfig, *, backend: RoleBackend, seed: int = 0) -> None:
         apply_env(backend)  # before vLLM is imported: in-process engine core
+        if backend.device == "cpu" and engine.enforce_eager:
+            # With the model eager, torch.compile's only work is vLLM's sampler helpers (batched_count_greater_than):
+            # inductor builds them at each engine's first generate, ~1.5 s, ~9 CPU-s on a cold inductor cache.
+            # Eager gives the same tokens and log-probs. Read when vLLM applies its decorators: before the import.
+            os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
         from vllm import LLM
 
         self._llm = LLM(**engine_args(model, engine, backend=backend, seed=seed))
