@@ -90,16 +90,20 @@ def engine_args(model: ModelConfig, engine: EngineConfig, *, backend: RoleBacken
     }
 
 
+def compile_env(engine: EngineConfig, backend: RoleBackend) -> dict[str, str]:
+    """Environment for torch.compile in an engine's process. A CPU engine with its model eager turns it off: what
+    is left to compile is vLLM's sampler helpers (batched_count_greater_than), which inductor builds at each
+    engine's first generate (~1.5 s; ~9 CPU-s on a cold inductor cache) for the same tokens and log-probs."""
+    return {"TORCHDYNAMO_DISABLE": "1"} if backend.device == "cpu" and engine.enforce_eager else {}
+
+
 class Engine:
     """One vLLM engine in this process, with a weight version."""
 
     def __init__(self, model: ModelConfig, engine: EngineConfig, *, backend: RoleBackend, seed: int = 0) -> None:
         apply_env(backend)  # before vLLM is imported: in-process engine core
-        if backend.device == "cpu" and engine.enforce_eager:
-            # With the model eager, torch.compile's only work is vLLM's sampler helpers (batched_count_greater_than):
-            # inductor builds them at each engine's first generate, ~1.5 s, ~9 CPU-s on a cold inductor cache.
-            # Eager gives the same tokens and log-probs. Read when vLLM applies its decorators: before the import.
-            os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+        for key, value in compile_env(engine, backend).items():  # read as vLLM imports: before the import
+            os.environ.setdefault(key, value)
         from vllm import LLM
 
         self._llm = LLM(**engine_args(model, engine, backend=backend, seed=seed))
