@@ -3,7 +3,9 @@
 The quickstart loop (configs/quickstart-cpu.yaml: tiny model, SL skipped so RL starts from the built-in
 policy, online DPO from AI labels, the policy labelling itself) runs ``--iterations`` iterations with
 ``schedule.mode=sync`` and with ``async``, alternating whole runs (sync, async, sync, async, ...) for
-``--reps`` runs each. Every run drops its first ``--warmup`` iterations (first-call warm-ups) and its last
+``--reps`` runs each. With ``--threads auto`` each schedule lays out the roles' threads its own way and every
+run starts its roles; with one layout for both (``--threads reserved``, as ``--quick`` does) one set of roles
+serves every run. Every run drops its first ``--warmup`` iterations (first-call warm-ups) and its last
 (it also saves the end-of-run checkpoint; mid-run checkpoints are off).
 
 Per iteration it records
@@ -17,7 +19,7 @@ and the async target
 with generate and train taken from the sync runs' medians: in sync mode nothing overlaps, so those are
 each phase's own cost (in async mode generation hides behind training and its timer sees only the wait).
 
-    python -m benchmarks.bench_loop [--quick] [--model tiny-random-llama] [--reps 3] [--iterations 8]
+    python -m benchmarks.bench_loop [--quick] [--model tiny-random-llama] [--reps 3] [--iterations 8] [--threads auto]
 """
 
 from __future__ import annotations
@@ -46,10 +48,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_loop_args(p)
     p.add_argument("--reps", type=int, default=3, help="runs of each schedule (alternating)")
+    p.add_argument("--threads", default="auto",
+                   help="num_threads of every role: 'auto' (each schedule its own layout; every run starts its roles) "
+                        "or one layout for both ('reserved', 'node', a number; one set of roles serves every run)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON and PNG")
     args = p.parse_args(argv)
-    if args.quick:
-        args.reps, args.iterations, args.prompts, args.max_new_tokens = 1, 3, 4, 16
+    if args.quick:  # one layout: the smoke starts the roles once
+        args.reps, args.iterations, args.prompts, args.max_new_tokens, args.threads = 1, 3, 4, 16, "reserved"
     check_loop_args(args)
     return args
 
@@ -87,14 +92,15 @@ def loop_config(args: argparse.Namespace, *overrides: str) -> Any:
     ])
 
 
-def run_loop(cfg: Any, *, warmup: int) -> dict[str, Any]:
-    """Run ``rl_cai`` once in a scratch folder; per-iteration wall time and phases, which ones are measured."""
+def run_loop(cfg: Any, *, warmup: int, roles: Any = None) -> dict[str, Any]:
+    """Run ``rl_cai`` once in a scratch folder (on ``roles`` if given, else starting its own); per-iteration wall
+    time and phases, which ones are measured."""
     from cai_ray.metrics import read_metrics
     from cai_ray.pipelines.rl_cai import rl_cai
 
     with tempfile.TemporaryDirectory(prefix="cai-ray-bench-loop-") as tmp:
         start = time.time()
-        history = rl_cai(cfg, Path(tmp))
+        history = rl_cai(cfg, Path(tmp), roles=roles)
         stamps = [m["time"] for m in read_metrics(Path(tmp) / "metrics.jsonl")]
     iterations = []
     for i, m in enumerate(history):
@@ -106,6 +112,27 @@ def run_loop(cfg: Any, *, warmup: int) -> dict[str, Any]:
     measured = [it for it in iterations if it["measured"]]
     return {"startup_and_first_iteration_s": stamps[0] - start, "iterations": iterations,
             "median_iteration_s": statistics.median(it["wall_s"] for it in measured)}
+
+
+def run_alternating(configs: dict[str, Any], *, reps: int, warmup: int) -> dict[str, list[dict[str, Any]]]:
+    """``reps`` runs of each schedule, alternating. When both schedules give the roles the same thread layout,
+    one set of roles serves every run (start-up is not measured either way); else each run starts its own."""
+    from cai_ray.backend import layout_threads
+    from cai_ray.pipelines.roles import role_mismatches, start_roles
+
+    same = not role_mismatches(*(layout_threads(cfg, "rl") for cfg in configs.values()))
+    roles = start_roles(configs["sync"]) if same else None
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in configs}
+    try:
+        for rep in range(reps):
+            for mode, cfg in configs.items():
+                run = run_loop(cfg, warmup=warmup, roles=roles)
+                runs[mode].append(run)
+                print(f"rep {rep} {mode}: median iteration {run['median_iteration_s']:.3f}s", flush=True)
+    finally:
+        if roles is not None:
+            roles.shutdown()
+    return runs
 
 
 def phase_medians(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -125,14 +152,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from cai_ray.models import resolve_model
 
     resolve_model(args.model)  # build / convert once, outside any timing
-    configs = {mode: loop_config(args, f"schedule.mode={mode}") for mode in ("sync", "async")}
+    layout = [f"{role}.resources.num_threads={args.threads}" for role in ("rollout", "feedback", "learner")
+              if args.threads != "auto"]
+    configs = {mode: loop_config(args, f"schedule.mode={mode}", *layout) for mode in ("sync", "async")}
     init_ray(configs["sync"].cluster)
-    runs: dict[str, list[dict[str, Any]]] = {"sync": [], "async": []}
-    for rep in range(args.reps):
-        for mode, cfg in configs.items():
-            run = run_loop(cfg, warmup=args.warmup)
-            runs[mode].append(run)
-            print(f"rep {rep} {mode}: median iteration {run['median_iteration_s']:.3f}s", flush=True)
+    runs = run_alternating(configs, reps=args.reps, warmup=args.warmup)
 
     phases = {mode: phase_medians(r) for mode, r in runs.items()}
     iteration = {mode: [r["median_iteration_s"] for r in rs] for mode, rs in runs.items()}
@@ -143,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "iterations_per_run": args.iterations, "warmup_iterations": args.warmup,
                      "prompts_per_iteration": args.prompts, "samples_per_prompt": args.samples,
                      "max_new_tokens": args.max_new_tokens, "seed": args.seed, "base_config": str(QUICKSTART),
-                     "threads_per_actor": configs["sync"].rollout.resources.num_cpus,
+                     "threads_per_actor": configs["sync"].rollout.resources.num_cpus, "threads": args.threads,
                      "config_sync": configs["sync"].model_dump(mode="json")},
         "definitions": {
             "wall_s": "seconds between consecutive metrics records of a run (one whole iteration)",

@@ -158,7 +158,8 @@ class EngineConfig(_Strict):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU only: memory fraction for vLLM.")
     enable_prefix_caching: bool = Field(True, description="Reuse KV of shared prefixes (constitution few-shot).")
     max_num_seqs: int = Field(64, gt=0, description="Largest batch of sequences the engine schedules at once.")
-    enforce_eager: bool = Field(True, description="Skip CUDA graph capture (faster start, slower steps on GPU).")
+    enforce_eager: bool = Field(True, description="Skip CUDA graph capture (faster start, slower steps on GPU); on "
+                                "CPU also run vLLM's torch.compile'd sampler helpers eagerly (no inductor build).")
 
 
 class RolloutConfig(_Strict):

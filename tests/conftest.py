@@ -13,6 +13,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+# As the product's CPU engines run (inference.engine.compile_env), also for vLLM built directly in this process:
+# no inductor build of vLLM's sampler helpers at each engine's first generate (~6-8 s there on 2 cores).
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart-cpu.yaml"
 

@@ -140,7 +140,7 @@ def load_for_resume(run_dir: Path, config_dump: dict[str, Any]) -> LoopState:
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``"key: <checkpoint value> (checkpoint) != <value> (now)"`` for each training-relevant field that differs."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = dotted_leaves(saved), dotted_leaves(current)
     out = []
     for key in sorted(old.keys() | new.keys()):
         if _resumable(key) or old.get(key, _ABSENT) == new.get(key, _ABSENT):
@@ -161,12 +161,12 @@ def _resumable(key: str) -> bool:
             or any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS))
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def dotted_leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Dotted keys to leaf values (a None section is a leaf, so it differs from a set one)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            out |= _flatten(value, f"{prefix}{key}.")
+            out |= dotted_leaves(value, f"{prefix}{key}.")
         else:
             out[prefix + key] = value
     return out

@@ -49,7 +49,7 @@ from cai_ray.pipelines.checkpoint import (
     write_loop_files,
 )
 from cai_ray.pipelines.red_team import RedTeam
-from cai_ray.pipelines.roles import PendingRollout, Roles, start_roles
+from cai_ray.pipelines.roles import PendingRollout, Roles, role_mismatches, start_roles
 from cai_ray.redteam_archive import Attack, draw_red_team_prompts
 from cai_ray.seeds import stable_seed
 from cai_ray.training.group import LearnerGroup
@@ -72,15 +72,15 @@ class EmptyIterationError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------- the loop
-def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> list[Metrics]:
-    """Run ``cfg.schedule.num_iterations`` RL-CAI iterations; returns each iteration's metrics."""
+def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, roles: Roles | None = None) -> list[Metrics]:
+    """Run ``cfg.schedule.num_iterations`` RL-CAI iterations (on started ``roles``: :func:`running`); their metrics."""
     pool = _prompt_pool(cfg)
     num_iterations, overlap, k = cfg.schedule.num_iterations, cfg.schedule.mode == "async", \
         cfg.rollout.num_samples_per_prompt
     state = load_for_resume(run_dir, cfg.model_dump(mode="json")) if resume else LoopState()  # before any start-up
     red_team = RedTeam(cfg.red_team, cfg.data.red_team, run_dir, seed=cfg.seed, first_iteration=state.iteration)
     history: list[Metrics] = []
-    with running(cfg, run_dir, state, resume=resume) as (roles, writer, bar):
+    with running(cfg, run_dir, state, resume=resume, roles=roles) as (roles, writer, bar):
         pending: PendingRollout | None = None
         for it in range(state.iteration, num_iterations):
             timer = PhaseTimer()
@@ -134,23 +134,33 @@ def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> lis
 
 
 @contextmanager
-def running(cfg: ExperimentConfig, run_dir: Path, state: LoopState, *,
-            resume: bool) -> Iterator[tuple[Roles, MetricsWriter, tqdm]]:
+def running(cfg: ExperimentConfig, run_dir: Path, state: LoopState, *, resume: bool,
+            roles: Roles | None = None) -> Iterator[tuple[Roles, MetricsWriter, tqdm]]:
     """The metrics writer, the started roles (restored from the checkpoint on resume) and a progress bar.
 
+    ``roles``: roles already started (by :func:`start_roles` for a config agreeing on every role field) to run
+    on and leave running, e.g. several runs on one set of engines; their engines first get the learner's
+    weights as the run's first version (its version 0, or the checkpoint's). None: the run starts its own.
     Whatever fails (a role's start-up, the restore, the loop, one role's shutdown), everything started so far
     is closed, in reverse order.
     """
+    mismatches = role_mismatches(roles.requested, cfg) if roles is not None else []
+    if mismatches:  # before anything is created
+        raise ValueError("rl_cai: the given roles were started for a different config:\n  " + "\n  ".join(
+            mismatches) + "\nStart roles for this config (start_roles), or run with roles=None")
     with ExitStack() as cleanup:
         writer = MetricsWriter(cfg.logging, run_dir, cfg.name, cfg.model_dump(mode="json"),
                                first_step=state.iteration)
         cleanup.callback(writer.close)
-        roles = start_roles(cfg)
-        cleanup.callback(roles.shutdown)
+        lent = roles is not None
+        if roles is None:
+            roles = start_roles(cfg)
+            cleanup.callback(roles.shutdown)
         if resume:
             roles.learner.load_checkpoint(str(checkpoint_dir(run_dir) / "learner"))
+        if resume or lent:  # lent engines may hold another run's weights, or lag their learner
             roles.push_weights(state.version)
-        elif cfg.feedback.judge_check:
+        if not resume and cfg.feedback.judge_check:
             check_judge(roles, cfg, run_dir)
         bar = tqdm(total=cfg.schedule.num_iterations, initial=state.iteration, desc="RL-CAI", unit="iter",
                    disable=not cfg.logging.progress)

@@ -4,11 +4,13 @@ The controller talks to them through a few verbs. Rollout calls that die with th
 once after Ray restarts it and the learner's weights are pushed into it, so no sample is lost or counted
 twice; the retried samples record the version of those weights (in the async schedule the learner may be
 one update ahead of the other engines). A learner failure stops the run (it is resumable from the last
-checkpoint).
+checkpoint). One set of roles may serve several runs in turn (``rl_cai(..., roles=...)``) when their configs
+agree on every role field (:func:`role_mismatches`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,7 @@ from cai_ray.inference.feedback import start_feedback_pool
 from cai_ray.inference.feedback_pool import FeedbackPool
 from cai_ray.inference.redteam import RedTeamWorkers, start_red_team_workers
 from cai_ray.inference.rollout import RolloutWorkers, start_rollout_workers
+from cai_ray.pipelines.checkpoint import dotted_leaves
 from cai_ray.seeds import stable_seed
 from cai_ray.sync import WeightSync
 from cai_ray.training.group import LearnerGroup
@@ -42,8 +45,10 @@ class Roles:
     """Everything the RL loop drives. Build with :func:`start_roles`; always ``shutdown()``."""
 
     def __init__(self, cfg: ExperimentConfig, rollout: RolloutWorkers, feedback: FeedbackPool,
-                 learner: LearnerGroup, red_team: RedTeamWorkers | None = None) -> None:
-        self.cfg = cfg
+                 learner: LearnerGroup, red_team: RedTeamWorkers | None = None, *,
+                 requested: ExperimentConfig | None = None) -> None:
+        self.cfg = cfg  # threads resolved for the schedule the roles were started for
+        self.requested = requested or cfg  # as asked for: what :func:`role_mismatches` compares a run's config with
         self._fleet = rollout
         self.rollout = rollout.workers
         self.feedback = feedback
@@ -130,6 +135,30 @@ def shutdown_all(roles: Iterable[Any]) -> None:
         raise errors[0]
 
 
+# The config sections a set of roles is built from: each role receives its own sub-config of these.
+ROLE_SECTIONS = ("seed", "models", "constitution", "rollout", "feedback", "learner", "sync", "cluster")
+
+
+def role_fields(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What roles started for ``cfg`` are made of: its role sections (threads as requested, 'auto' unresolved),
+    the prompt-length policy the engines apply, whether the learner holds a preference model, the red-teamer."""
+    fields = cfg.model_dump(mode="json", include=set(ROLE_SECTIONS))
+    fields["data"] = {"max_prompt_tokens": cfg.data.max_prompt_tokens, "overlong_prompt": cfg.data.overlong_prompt}
+    fields["learner"]["holds_preference_model"] = cfg.uses_preference_model()  # schedule.preference_model decides
+    fields["red_team"] = cfg.red_team.model_dump(mode="json") if cfg.red_team.enabled else {"enabled": False}
+    return fields
+
+
+def role_mismatches(started_for: ExperimentConfig, cfg: ExperimentConfig) -> list[str]:
+    """``"key: <value> (roles) != <value> (config)"`` for each role field where ``cfg`` differs from the config
+    roles were ``started_for``; empty when a run of ``cfg`` may use them. A schedule's resolved thread counts
+    are no difference: roles keep the threads of the schedule they were started for."""
+    have, want = dotted_leaves(role_fields(started_for)), dotted_leaves(role_fields(cfg))
+    absent = "<absent>"
+    return [f"{key}: {json.dumps(have.get(key, absent))} (roles) != {json.dumps(want.get(key, absent))} (config)"
+            for key in sorted(have.keys() | want.keys()) if have.get(key, absent) != want.get(key, absent)]
+
+
 def pm_heads(cfg: ExperimentConfig) -> dict[str, tuple]:
     """The multi-head PM's axes and head mix (``feedback.label_axes``); empty for the one-head PM.
 
@@ -153,7 +182,7 @@ def start_roles(cfg: ExperimentConfig) -> Roles:
     """Start the learner group, rollout workers and feedback pool together; on any failure stop what started."""
     from concurrent.futures import ThreadPoolExecutor
 
-    cfg = layout_threads(cfg, "rl")  # 'auto' threads from the schedule: sync phases use the whole node
+    requested, cfg = cfg, layout_threads(cfg, "rl")  # 'auto' threads from the schedule: sync phases use the node
     # The start-ups mostly wait (imports, engine and DeepSpeed init inside their actors): overlap them.
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="start-roles") as threads:
         futures = {
@@ -177,4 +206,5 @@ def start_roles(cfg: ExperimentConfig) -> Roles:
             shutdown_all(started.values())
         finally:
             raise failed[0][1]
-    return Roles(cfg, started["rollout"], started["feedback"], started["learner"], started.get("red_team"))
+    return Roles(cfg, started["rollout"], started["feedback"], started["learner"], started.get("red_team"),
+                 requested=requested)

@@ -1,7 +1,7 @@
 """Smoke the benchmark suite end to end, and check that the peer comparison's judge does the pool's work.
 
-``cai-ray bench --quick --only loop`` runs the runner (the part in its child process), the summary table and the
-plots: most of it is starting the roles of two RL-CAI runs. It checks the fields and that every ratio was measured,
+``cai-ray bench --quick --only loop`` runs the runner (the part in its child process, joining the session's Ray),
+the summary table and the plots: most of it is starting the roles that both RL-CAI runs share. It checks the fields and that every ratio was measured,
 not the speed: numbers from --quick are not quoted. bench_inference and bench_learner have their own smoke tests;
 scaling (a multi-raylet Ray), bench_sync and bench_peer --quick cost more than the suite's 15-minute budget allows.
 """
@@ -22,8 +22,12 @@ CAI_RAY = str(Path(sys.executable).parent / "cai-ray")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_bench_quick_loop(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def test_bench_quick_loop(ray_local: None, tmp_path: Path) -> None:
+    import ray
+
+    # The part's child process joins this session's Ray (its token auth is in the env and ~/.ray) instead of
+    # starting one; --quick starts the roles once for both schedules.
+    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.run([CAI_RAY, "bench", "--quick", "--only", "loop", "--out", str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -82,17 +82,16 @@ def test_unknown_references_fail_clearly(tmp_path: Path, monkeypatch: pytest.Mon
 
 # ------------------------------------------- models.*.revision and trust_remote_code reach every loader
 # Each loader runs in a fresh interpreter: the hub cache and the remote-code module cache are read from the
-# environment at import, and remote code, once imported, stays imported.
+# environment at import, and remote code, once imported, stays imported. One interpreter loads one loader's
+# models in the order given (refused before allowed; each revision asked for by name), and no other loader's.
 LOADERS = textwrap.dedent("""
     import json, sys
+    from pathlib import Path
     import torch
     from cai_ray.config import EngineConfig, ModelConfig
     from cai_ray.models import ModelRef
 
-    model = ModelConfig.model_validate_json(sys.argv[1])
-    ref = ModelRef.of(model)
-
-    def vllm():
+    def vllm(model, ref):
         from cai_ray.backend import apply_env, decide
         from cai_ray.config import ResourcesConfig
         backend = decide("rollout", ResourcesConfig())
@@ -102,26 +101,37 @@ LOADERS = textwrap.dedent("""
         llm = LLM(**engine_args(model, EngineConfig(kv_cache_memory_mb=16, max_num_seqs=2), backend=backend, seed=0))
         return llm.llm_engine.model_config.hf_config, llm.get_tokenizer()
 
-    def scalar_head():
+    def scalar_head(model, ref):
         from cai_ray.training.modeling import ScalarHeadModel
         return ScalarHeadModel.from_backbone(ref, dtype=torch.float32).config, None
 
-    loaders = {"causal_lm": lambda: (ref.causal_lm(dtype=torch.float32).config, None),
-               "scalar_head": scalar_head, "tokenizer": lambda: (None, ref.tokenizer()), "vllm": vllm}
-    try:
-        config, tok = loaders[sys.argv[2]]()
-        out = {"max_position_embeddings": getattr(config, "max_position_embeddings", None),
-               "chat_template": getattr(tok, "chat_template", None)}
-    except Exception as err:
-        out = {"error": f"{type(err).__name__}: {err}"}
-    print("RESULT " + json.dumps(out))
+    loaders = {"causal_lm": lambda model, ref: (ref.causal_lm(dtype=torch.float32).config, None),
+               "scalar_head": scalar_head, "tokenizer": lambda model, ref: (None, ref.tokenizer()), "vllm": vllm}
+
+    def load(model):
+        try:
+            config, tok = loaders[sys.argv[2]](model, ModelRef.of(model))
+            out = {"max_position_embeddings": getattr(config, "max_position_embeddings", None),
+                   "chat_template": getattr(tok, "chat_template", None)}
+        except Exception as err:
+            out = {"error": f"{type(err).__name__}: {err}"}
+        if len(sys.argv) > 3:  # the file the model's remote code touches when it runs: per load, then removed
+            marker = Path(sys.argv[3])
+            out["code_ran"] = marker.exists()
+            marker.unlink(missing_ok=True)
+        return out
+
+    print("RESULT " + json.dumps([load(ModelConfig.model_validate(m)) for m in json.loads(sys.argv[1])]))
 """)
 LOADER_NAMES = ["causal_lm", "scalar_head", "tokenizer", "vllm"]
 
 
-def _load(model: Any, loader: str, env: dict[str, str]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-c", LOADERS, model.model_dump_json(), loader], capture_output=True,
-                          text=True, timeout=300, env=os.environ | env)
+def _load(models: list[Any], loader: str, env: dict[str, str], *, marker: Path | None = None) -> list[dict[str, Any]]:
+    """What ``loader`` got for each of ``models``, loaded in turn in one fresh interpreter (and whether each load
+    ran the code that touches ``marker``)."""
+    proc = subprocess.run([sys.executable, "-c", LOADERS, json.dumps([m.model_dump(mode="json") for m in models]),
+                           loader, *([str(marker)] if marker else [])], capture_output=True, text=True, timeout=300,
+                          env=os.environ | env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, proc.stderr[-3000:]
     return json.loads(lines[-1].removeprefix("RESULT "))
@@ -161,13 +171,12 @@ def test_trust_remote_code_reaches_every_loader(tmp_path: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "ProbeTokenizer", "auto_map": {"AutoTokenizer": ["probe.ProbeTokenizer", None]}}))
     env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    off, on = (ModelConfig(name=str(folder), max_model_len=64, trust_remote_code=t) for t in (False, True))
     for loader in LOADER_NAMES:
-        refused = _load(ModelConfig(name=str(folder), max_model_len=64), loader, env)
+        refused, allowed = _load([off, on], loader, env, marker=marker)  # refused first: nothing imported yet
         assert "trust_remote_code" in refused.get("error", ""), (loader, refused)
-        assert not marker.exists(), f"{loader} ran the model's code with trust_remote_code off"
-        _load(ModelConfig(name=str(folder), max_model_len=64, trust_remote_code=True), loader, env)
-        assert marker.exists(), f"{loader} did not get trust_remote_code=True"  # it may fail later: no weights
-        marker.unlink()
+        assert not refused["code_ran"], f"{loader} ran the model's code with trust_remote_code off"
+        assert allowed["code_ran"], f"{loader} did not get trust_remote_code=True"  # it may fail later: no weights
 
 
 def _fake_hub_revision(root: Path, src: str, repo: str, revision: str, *, max_pos: int, template_tag: str) -> None:
@@ -194,9 +203,10 @@ def test_revision_reaches_every_loader(tmp_path: Path, tiny_model_path: str) -> 
     _fake_hub_revision(hub, tiny_model_path, repo, "main", max_pos=2048, template_tag="main")
     _fake_hub_revision(hub, tiny_model_path, repo, "v1", max_pos=1536, template_tag="v1")
     env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    cases = ((None, 2048, "main"), ("v1", 1536, "v1"))
     for loader in LOADER_NAMES:
-        for revision, max_pos, tag in ((None, 2048, "main"), ("v1", 1536, "v1")):
-            got = _load(ModelConfig(name=repo, revision=revision, dtype="float32", max_model_len=512), loader, env)
+        models = [ModelConfig(name=repo, revision=rev, dtype="float32", max_model_len=512) for rev, *_ in cases]
+        for (revision, max_pos, tag), got in zip(cases, _load(models, loader, env), strict=True):
             assert "error" not in got, (loader, revision, got)
             if got["max_position_embeddings"] is not None:  # the model loaders
                 assert got["max_position_embeddings"] == max_pos, (loader, revision)

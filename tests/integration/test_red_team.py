@@ -1,12 +1,13 @@
 """Red-teaming inside the RL loop on the real CPU stack (vLLM red-teamer, rollout and feedback engines, DeepSpeed
 learner): 3 iterations grow the archive and write the attack files and metrics; a --resume continues from the
-archive exactly as the checkpoint saved it."""
+archive exactly as the checkpoint saved it (on the same started roles: one start-up)."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,13 +56,24 @@ def _check_iteration(run_dir: Path, row: dict, it: int) -> None:
 
 
 def test_red_team_loop_grows_the_archive_and_resume_restores_it(ray_local: None, tmp_path: Path) -> None:
+    from cai_ray.pipelines.roles import start_roles
+
+    cfg = red_team_config(tmp_path, 3)
+    # The archive lives in the loop state, not in the actors: the resumed run may continue on the same roles.
+    roles = start_roles(cfg)
+    try:
+        _run_then_resume(cfg, tmp_path, roles)
+    finally:
+        roles.shutdown()
+
+
+def _run_then_resume(cfg: ExperimentConfig, tmp_path: Path, roles: Any) -> None:
     from cai_ray.pipelines.checkpoint import load_for_resume
     from cai_ray.pipelines.rl_cai import rl_cai
     from cai_ray.pipelines.run import run_dir_for
 
-    cfg = red_team_config(tmp_path, 3)
     run_dir = run_dir_for(cfg)
-    history = rl_cai(cfg, run_dir)
+    history = rl_cai(cfg, run_dir, roles=roles)
     assert [int(m["iteration"]) for m in history] == [0, 1, 2]
     sizes = [m["red_team/archive_size"] for m in history]
     assert sizes[-1] > 0 and sizes == sorted(sizes)  # it grows (replacements keep the size)
@@ -86,7 +98,7 @@ def test_red_team_loop_grows_the_archive_and_resume_restores_it(ray_local: None,
     longer = red_team_config(tmp_path, 4)
     restored = load_for_resume(run_dir, longer.model_dump(mode="json")).archive.to_json()
     assert restored == archive
-    more = rl_cai(longer, run_dir, resume=True)
+    more = rl_cai(longer, run_dir, resume=True, roles=roles)
     assert [int(m["iteration"]) for m in more] == [3]
     _check_iteration(run_dir, more[0], 3)
     # ... and iteration 3 starts from it: every restored attack is still there unless iteration 3 replaced it.

@@ -1,11 +1,12 @@
-"""The product loop on the real CPU stack: SL + RL-CAI (sync and async), resume, killed actors, empty iterations.
+"""The product loop on the real CPU stack: SL + RL-CAI (sync and async), resume, eval, killed actors, empty iterations.
 
 Starting the roles (two vLLM engines and a DeepSpeed learner) is most of an RL run's cost on CPU, 20-40 s on 2
 cores, where an iteration of the tiny model takes well under a second. So start-ups are shared where isolation
 allows: SL runs once per session (``sl_policy`` in conftest), the resume test continues a copy of the
 uninterrupted run as it was after its first iteration, and the tests that need no fresh learner run on one set
-of roles (``base_roles``). Runs whose assertions count from a fresh learner, or restore into fresh actors, start
-their own.
+of roles (``base_roles``, lent to ``rl_cai(roles=...)``). Runs whose assertions count from a fresh learner, or
+restore into fresh actors, start their own: three role start-ups in all. ``cai-ray eval`` runs once, on the
+uninterrupted run's checkpoints and a perturbed copy of the tiny model.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ def quickstart(tmp_path: Path, *overrides: str) -> ExperimentConfig:
 EPOCHS = 2  # learner.num_policy_epochs of the loop runs: exactly this many policy optimizer steps per iteration
 
 
-def _check_history(history: list[dict[str, float]], iterations: int) -> None:
+def _check_history(history: list[dict[str, float]], iterations: int, *, fresh_learner: bool = True) -> None:
     assert [int(m["iteration"]) for m in history] == list(range(iterations))
-    # Counted by the policy's DeepSpeed engine (restored on resume); twice-applied epochs gave EPOCHS**2.
-    assert [m["policy/optimizer_steps"] for m in history] == [float(EPOCHS * (i + 1)) for i in range(iterations)]
+    # Counted by the policy's DeepSpeed engine (restored on resume); twice-applied epochs gave EPOCHS**2. A lent
+    # learner (base_roles) has trained before: its count goes on from there.
+    steps = [m["policy/optimizer_steps"] for m in history]
+    first = EPOCHS if fresh_learner else steps[0]
+    assert steps[0] >= EPOCHS and steps == [float(first + EPOCHS * i) for i in range(iterations)]
     for m in history:
         assert m["iteration/empty"] == 0.0
         assert m["samples/count"] > 0 and m["labels/count"] > 0
@@ -83,19 +87,6 @@ def test_sync_loop_from_sl_policy(uninterrupted: tuple[ExperimentConfig, list, P
     assert (run_dir_for(cfg) / "labels" / "iter_0001.jsonl").is_file()
 
 
-def test_async_loop_trains_on_samples_one_version_old(sl_policy: str, tmp_path: Path) -> None:
-    from cai_ray.pipelines.rl_cai import rl_cai
-    from cai_ray.pipelines.run import run_dir_for
-
-    cfg = quickstart(tmp_path, f"models.policy.name={sl_policy}", "schedule.mode=async", "schedule.num_iterations=3",
-                     "learner.algorithm=grpo", f"learner.num_policy_epochs={EPOCHS}")
-    history = rl_cai(cfg, run_dir_for(cfg))
-    _check_history(history, 3)
-    # Iteration i>0 trains on samples generated before iteration i-1's update was pushed.
-    assert [m["samples/staleness_max"] for m in history] == [0.0, 1.0, 1.0]
-    assert all(m["timing/idle"] >= 0 and m["timing/checkpoint"] >= 0 for m in history)
-
-
 def test_resume_reproduces_uninterrupted_run(uninterrupted: tuple[ExperimentConfig, list, Path], sl_policy: str,
                                              tmp_path: Path) -> None:
     from cai_ray.pipelines.checkpoint import ResumeError
@@ -126,29 +117,108 @@ def test_resume_reproduces_uninterrupted_run(uninterrupted: tuple[ExperimentConf
     assert [r["step"] for r in rows] == [0, 1] and "leftover" not in rows[1]
 
 
-def test_eval_on_the_quickstart_checkpoints(uninterrupted: tuple[ExperimentConfig, list, Path],
-                                            tmp_path: Path) -> None:
-    """`cai-ray eval --run-dir` on the RL run: base (its SL starting policy) vs rl, scored by the run's own PM."""
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: str) -> str:
+    """A copy of the tiny model with perturbed weights: a third checkpoint for ``cai-ray eval``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("eval") / "tuned"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(out)
+    return str(out)
+
+
+def _check_interval(block: dict, key: str, *, low: float = 0.0, high: float = 1.0) -> None:
+    lo, hi = block["ci"]
+    assert low <= lo <= block[key] <= hi <= high, block
+
+
+EVAL_ROWS = 6
+
+
+def test_eval_on_the_quickstart_checkpoints(uninterrupted: tuple[ExperimentConfig, list, Path], tuned: str,
+                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cai-ray eval --run-dir` on the RL run: base (its SL starting policy), rl, and a --checkpoint, scored by
+    the run's own PM."""
     from cai_ray.cli import main
+    from cai_ray.data import load_prompts
     from cai_ray.pipelines.run import run_dir_for
 
     cfg, _, _ = uninterrupted
-    run_dir = run_dir_for(cfg)
-    rc = main(["eval", "--config", str(QUICKSTART), "--run-dir", str(run_dir), "--out", str(tmp_path),
-               "--set", f"models.policy.name={cfg.models.policy.name}", "--set", "data.red_team_eval.max_rows=4",
-               "--set", "data.helpful_eval.max_rows=4", "--set", "eval.max_new_tokens=8",
-               "--set", "eval.num_bootstrap_samples=100"])
+    run_dir, n = run_dir_for(cfg), EVAL_ROWS
+    rc = main(["eval", "--config", str(QUICKSTART), "--run-dir", str(run_dir), "--checkpoint", f"tuned={tuned}",
+               "--out", str(tmp_path), "--set", f"models.policy.name={cfg.models.policy.name}",
+               # A dotted override of one dataset field replaces the whole section, so the path is repeated.
+               "--set", "data.red_team_eval.path=redteam_eval", "--set", f"data.red_team_eval.max_rows={n}",
+               "--set", "data.helpful_eval.path=helpful_eval", "--set", f"data.helpful_eval.max_rows={n}",
+               "--set", "eval.max_new_tokens=8", "--set", "eval.num_bootstrap_samples=200",
+               "--set", "rollout.engine.kv_cache_memory_mb=32", "--set", "feedback.engine.kv_cache_memory_mb=32"])
     assert rc == 0
+    printed = capsys.readouterr().out
+    assert "win-rate rl over base" in printed and "win-rate tuned over rl" in printed
+    assert str(tmp_path / "eval.json") in printed
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert list(report["checkpoints"]) == ["base", "rl"]
+    assert list(report["checkpoints"]) == ["base", "rl", "tuned"]  # --run-dir's first, then --checkpoint's
     assert report["checkpoints"]["rl"]["model"].endswith("policy_hf")
-    for r in report["checkpoints"].values():
-        assert r["counts"]["responses"] == 8 and r["counts"]["judge_errors"] == 0
-        assert 0.0 <= r["harmlessness"]["harmful_rate"] <= 1.0 and 0.0 <= r["over_refusal"]["refusal_rate"] <= 1.0
-        assert r["pm_score"]["n"] == 4 and math.isfinite(r["pm_score"]["mean"])
-    [win] = report["win_rates"]
-    assert (win["a"], win["b"]) == ("base", "rl") and win["n"] == 8
-    assert report["metadata"]["preference_model"] == str(run_dir / "checkpoint" / "learner" / "preference_hf")
+    assert report["checkpoints"]["tuned"]["model"] == str(Path(tuned).resolve())
+    num_sensitive = sum(bool(r.meta.get("sensitive_sounding")) for r in load_prompts("helpful_eval", max_rows=n))
+    assert num_sensitive > 0
+    for name, r in report["checkpoints"].items():
+        _check_eval_entry(r, n, num_sensitive, name)
+    assert report["checkpoints"]["base"]["pm_score"] != report["checkpoints"]["tuned"]["pm_score"]
+    assert [(w["a"], w["b"]) for w in report["win_rates"]] == [("base", "rl"), ("rl", "tuned")]
+    for win in report["win_rates"]:
+        assert win["errors"] == 0 and win["n"] == 2 * n and 0 <= win["ties"] <= win["n"]
+        _check_interval(win, "win_rate")
+        assert {k: v["n"] for k, v in win["by_split"].items()} == {"red_team": n, "benign": n}
+        for split in win["by_split"].values():
+            _check_interval(split, "win_rate")
+    assert report["win_rates"][1]["ties"] < 2 * n  # tuned and rl answer differently
+    _check_eval_metadata(report["metadata"], run_dir, cfg.models.policy.name, n, num_sensitive)
+    items = [json.loads(line) for line in (tmp_path / "eval_items.jsonl").read_text().splitlines()]
+    assert len(items) == 3 * 2 * n
+    assert all(0.0 <= item["prob_yes"] <= 1.0 and math.isfinite(item["pm_score"]) for item in items)
+    png = (tmp_path / "eval.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def _check_eval_entry(r: dict, n: int, num_sensitive: int, name: str) -> None:
+    """One checkpoint's block of eval.json: counts, rates with their intervals, PM scores."""
+    assert r["counts"] == {"red_team_prompts": n, "benign_prompts": n, "sensitive_sounding_prompts": num_sensitive,
+                           "responses": 2 * n, "rejected_prompts": 0, "judge_errors": 0,
+                           "truncated_responses": r["counts"]["truncated_responses"]}, name
+    assert 0 <= r["counts"]["truncated_responses"] <= 2 * n
+    assert 0 < r["response_length_mean"] <= 8
+    harm = r["harmlessness"]
+    assert harm["n"] == n and 0.0 <= harm["mean_prob_harmful"] <= 1.0
+    _check_interval(harm, "harmful_rate")
+    assert (harm["harmful_rate"] * n).is_integer()  # a rate of binary verdicts
+    refusal = r["over_refusal"]
+    assert refusal["n"] == n and 0.0 <= refusal["mean_prob_refusal"] <= 1.0
+    _check_interval(refusal, "refusal_rate")
+    assert refusal["sensitive_sounding"]["n"] == num_sensitive
+    _check_interval(refusal["sensitive_sounding"], "refusal_rate")
+    assert r["helpfulness"]["score"] == pytest.approx(1.0 - refusal["refusal_rate"])
+    _check_interval(r["helpfulness"], "score")
+    pm = r["pm_score"]
+    assert pm["n"] == n and pm["benign"]["n"] == n
+    _check_interval(pm, "mean", low=-math.inf, high=math.inf)
+
+
+def _check_eval_metadata(meta: dict, run_dir: Path, feedback_model: str, n: int, num_sensitive: int) -> None:
+    assert meta["config_name"] == "quickstart-cpu" and meta["constitution"] == "harmless"
+    assert meta["feedback_model"] == feedback_model and meta["swap_debias"] is True  # the policy judges itself
+    assert meta["preference_model"] == str(run_dir / "checkpoint" / "learner" / "preference_hf")
+    assert meta["datasets"]["red_team"] == {"path": "redteam_eval", "rows": n}
+    assert meta["datasets"]["benign"]["sensitive_sounding"] == num_sensitive
+    assert meta["num_bootstrap_samples"] == 200 and meta["confidence_level"] == 0.95
+    assert {"timing/generate", "timing/judge", "timing/pm_score"} <= set(meta["timing"])
 
 
 def test_a_failed_start_up_closes_the_metrics_writer_and_its_wandb_run(ray_local: None, tmp_path: Path) -> None:
@@ -167,10 +237,10 @@ def test_a_failed_start_up_closes_the_metrics_writer_and_its_wandb_run(ray_local
 
 
 # ------------------------------------------------------------------ tests on one set of started roles
-# Roles of the base policy, with a large lr so that one learner update moves log-probs far beyond the tolerance
-# of the killed-actor test. Every config run on them is built from ROLE_ARGS: same role fields by construction.
-ROLE_ARGS = ("learner.lr=1e-2",)
-ROLE_FIELDS = {"seed", "models", "constitution", "rollout", "feedback", "learner", "sync", "cluster"}
+# Roles of the base policy (GRPO), with a large lr so that one learner update moves log-probs far beyond the
+# tolerance of the killed-actor test. Every config run on them is built from ROLE_ARGS: same role fields by
+# construction (rl_cai checks them).
+ROLE_ARGS = ("learner.lr=1e-2", "learner.algorithm=grpo", f"learner.num_policy_epochs={EPOCHS}")
 
 
 @pytest.fixture(scope="module")
@@ -183,26 +253,22 @@ def base_roles(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
     roles.shutdown()
 
 
-def _lend(roles: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make ``rl_cai`` run on ``roles`` (already started; left running) instead of starting and stopping its own."""
-    import cai_ray.pipelines.rl_cai as loop
+def test_async_loop_trains_on_samples_one_version_old(base_roles: Any, tmp_path: Path) -> None:
+    from cai_ray.pipelines.rl_cai import rl_cai
+    from cai_ray.pipelines.run import run_dir_for
 
-    def start_roles(cfg: ExperimentConfig) -> Any:
-        def sections(c: ExperimentConfig) -> dict[str, Any]:
-            # Thread counts are resolved per schedule when roles start (backend.layout_threads): not a role difference.
-            out = c.model_dump(include=ROLE_FIELDS)
-            for section in out.values():
-                if isinstance(section, dict) and isinstance(section.get("resources"), dict):
-                    section["resources"].pop("num_threads", None)
-            return out
-
-        assert sections(cfg) == sections(roles.cfg)
-        assert (cfg.data.max_prompt_tokens, cfg.data.overlong_prompt) == (roles.cfg.data.max_prompt_tokens,
-                                                                          roles.cfg.data.overlong_prompt)
-        return roles
-
-    monkeypatch.setattr(loop, "start_roles", start_roles)
-    monkeypatch.setattr(roles, "shutdown", lambda: None)
+    cfg = quickstart(tmp_path, *ROLE_ARGS, "schedule.mode=async", "schedule.num_iterations=3")
+    history = rl_cai(cfg, run_dir_for(cfg), roles=base_roles)  # roles started for the sync schedule
+    _check_history(history, 3, fresh_learner=False)
+    # Iteration i>0 trains on samples generated before iteration i-1's update was pushed.
+    assert [m["samples/staleness_max"] for m in history] == [0.0, 1.0, 1.0]
+    assert all(m["timing/idle"] >= 0 and m["timing/checkpoint"] >= 0 for m in history)
+    # A run whose role fields differ is refused before anything starts or is written, naming each field.
+    other = quickstart(tmp_path / "other", *ROLE_ARGS, "learner.lr=1e-3", "rollout.max_new_tokens=8")
+    with pytest.raises(ValueError, match=r"started for a different config:\n  learner\.lr: 0\.01 \(roles\) != "
+                                         r"0\.001 \(config\)\n  rollout\.max_new_tokens: 16 \(roles\) != 8"):
+        rl_cai(other, run_dir_for(other), roles=base_roles)
+    assert not run_dir_for(other).exists()
 
 
 def test_killed_rollout_and_feedback_actors_lose_no_work(base_roles: Any, tmp_path: Path) -> None:
@@ -243,7 +309,7 @@ def test_killed_rollout_and_feedback_actors_lose_no_work(base_roles: Any, tmp_pa
 
 
 def test_iterations_with_every_prompt_rejected_are_logged_empty_or_stop_the_run(
-        base_roles: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        base_roles: Any, tmp_path: Path) -> None:
     from cai_ray.pipelines.rl_cai import EmptyIterationError, rl_cai
     from cai_ray.pipelines.run import run_dir_for
 
@@ -254,9 +320,8 @@ def test_iterations_with_every_prompt_rejected_are_logged_empty_or_stop_the_run(
                                for i in range(4)))
     args = (*ROLE_ARGS, f"data.red_team.path={prompts}", "schedule.mode=async",
             "schedule.num_prompts_per_iteration=2", "schedule.helpful_fraction=0")
-    _lend(base_roles, monkeypatch)
     cfg = quickstart(tmp_path, *args)
-    history = rl_cai(cfg, run_dir_for(cfg))
+    history = rl_cai(cfg, run_dir_for(cfg), roles=base_roles)
     assert [m["iteration/empty"] for m in history] == [1.0, 1.0]
     for m in history:
         assert m["iteration/empty_reason"].startswith("no samples: all 2 prompts were rejected (first: prompt 'long-")
@@ -267,4 +332,4 @@ def test_iterations_with_every_prompt_rejected_are_logged_empty_or_stop_the_run(
     # The same run continued with on_empty_iteration=error stops at its next iteration, naming why.
     more = quickstart(tmp_path, *args, "schedule.num_iterations=3", "schedule.on_empty_iteration=error")
     with pytest.raises(EmptyIterationError, match=r"iteration 2 has nothing to train on: no samples: all 2 prompts"):
-        rl_cai(more, run_dir_for(more), resume=True)
+        rl_cai(more, run_dir_for(more), resume=True, roles=base_roles)

@@ -70,3 +70,13 @@ def test_entering_a_gpu_role_without_cuda_is_an_error_naming_the_role() -> None:
             enter_role("learner", ResourcesConfig(num_gpus=1), uses_vllm=False)
         assert enter_role("learner", ResourcesConfig(), uses_vllm=False).device == "cpu"
         assert "CUDA_VISIBLE_DEVICES" not in os.environ  # in-process use never hides the caller's GPUs
+
+
+def test_cpu_engines_with_an_eager_model_compile_nothing() -> None:
+    from cai_ray.config import EngineConfig
+    from cai_ray.inference.engine import compile_env
+
+    cpu, gpu = decide("rollout", ResourcesConfig()), decide("rollout", ResourcesConfig(num_gpus=1))
+    assert compile_env(EngineConfig(), cpu) == {"TORCHDYNAMO_DISABLE": "1"}  # enforce_eager is the default
+    assert compile_env(EngineConfig(enforce_eager=False), cpu) == {}  # vLLM compiles the model: leave it on
+    assert compile_env(EngineConfig(), gpu) == {}

@@ -23,7 +23,7 @@ from cai_ray.pipelines.checkpoint import (
     write_atomically,
     write_loop_files,
 )
-from cai_ray.pipelines.roles import shutdown_all
+from cai_ray.pipelines.roles import role_mismatches, shutdown_all
 from cai_ray.types import TrainPair
 
 
@@ -184,3 +184,21 @@ def test_shutdown_all_stops_every_role_then_raises_the_first_failure() -> None:
         shutdown_all(roles)
     assert log == ["rollout", "feedback", "learner"]
     shutdown_all([_Role("a", log)])  # nothing failed: no error
+
+
+def test_roles_fit_a_run_that_agrees_on_every_role_field() -> None:
+    started_for = load_config(None, ["learner.algorithm=dpo", "schedule.preference_model=monitor"])
+    # Loop-only fields (schedule, prompt sets, logging, eval) are no difference; nor is the schedule's thread layout.
+    same_roles = load_config(None, ["learner.algorithm=dpo", "schedule.preference_model=monitor", "schedule.mode=async",
+                                    "schedule.num_iterations=9", "data.red_team.path=/elsewhere.jsonl",
+                                    "logging.wandb_mode=disabled", "eval.max_new_tokens=3"])
+    assert role_mismatches(started_for, same_roles) == []
+    other = load_config(None, ["learner.algorithm=dpo", "learner.lr=0.5", "data.max_prompt_tokens=64",
+                               "rollout.resources.num_threads=2", "red_team.enabled=true"])
+    lines = role_mismatches(started_for, other)
+    keys = {line.split(":")[0] for line in lines}
+    assert {"data.max_prompt_tokens", "learner.holds_preference_model", "learner.lr", "red_team.enabled",
+            "rollout.resources.num_threads"} <= keys
+    assert all(k.startswith("red_team.") for k in keys - {"data.max_prompt_tokens", "learner.holds_preference_model",
+                                                          "learner.lr", "rollout.resources.num_threads"})
+    assert "learner.lr: 1e-05 (roles) != 0.5 (config)" in lines
