@@ -15,7 +15,11 @@ repetition uses fresh pairs so the prefix cache only helps with what real labell
 constitution's few-shot prefix). JSON goes to ``benchmarks/results/`` with the machine, package
 versions, the command and every repetition.
 
-    python -m benchmarks.bench_inference [--quick] [--model tiny-random-llama] [--reps 5]
+    python -m benchmarks.bench_inference [--quick] [--reps 5] [--pairs 48] [--config C] [--set KEY=VALUE ...]
+
+The work comes from the config (default the quickstart): model and dtype (``models.policy``), prompts per
+repetition (``schedule.num_prompts_per_iteration``), samples and length (``rollout.*``), threads per engine
+(``rollout.resources``), the pool's batching (``feedback.*``), ``seed``.
 """
 
 from __future__ import annotations
@@ -32,28 +36,36 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, alternate, command_line, match_actor_niceness, summary, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    alternate,
+    bench_config,
+    bench_parser,
+    command_line,
+    match_actor_niceness,
+    summary,
+    write_result,
+)
+
+
+# The work, as config values over --config (default the quickstart): one engine per side, 1 CPU thread each.
+DEFAULTS = ("schedule.num_prompts_per_iteration=32", "rollout.num_samples_per_prompt=4", "rollout.max_new_tokens=32",
+            "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.num_workers=1", "rollout.resources.num_cpus=1",
+            "feedback.num_workers=1", "feedback.resources.num_cpus=1", "feedback.batch_size=16",
+            "feedback.max_in_flight_per_worker=2", "feedback.label_mode=multiple_choice",
+            "feedback.num_principles_per_label=1", "feedback.swap_debias=true", "cluster.object_store_memory_mb=512")
+QUICK = ("schedule.num_prompts_per_iteration=4", "rollout.num_samples_per_prompt=2", "rollout.max_new_tokens=8")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes to smoke the code; numbers are not quoted")
-    p.add_argument("--model", default="tiny-random-llama", help="model reference (built-in, folder or hub id)")
-    p.add_argument("--dtype", default="float32", help="model dtype")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions of each side (after one warm-up)")
-    p.add_argument("--prompts", type=int, default=32, help="rollout prompts per repetition")
-    p.add_argument("--samples", type=int, default=4, help="responses per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest response")
+    p = bench_parser(__doc__, reps=5)
     p.add_argument("--pairs", type=int, default=48, help="pairs labelled per repetition")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per engine (actor num_cpus, OMP threads)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--niceness", choices=["match", "keep"], default="match",
                    help="match: run this process at the actors' niceness (Ray starts workers at nice 15), so the "
                         "in-process baselines get no scheduling edge on a shared machine; keep: leave it")
-    p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON result")
     args = p.parse_args(argv)
     if args.quick:
-        args.reps, args.prompts, args.samples, args.max_new_tokens, args.pairs = 1, 4, 2, 8, 4
+        args.reps, args.pairs = 1, 4
+    args.cfg = bench_config(args, DEFAULTS, QUICK)
     return args
 
 
@@ -71,23 +83,16 @@ def median_ratio(ours: list[tuple[float, float]], base: list[tuple[float, float]
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the result (also written as JSON under ``--out``, its path in ``result["json"]``)."""
     args = parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    cfg = args.cfg
+    from cai_ray.backend import decide, resolve_threads
+
+    threads = resolve_threads(cfg.rollout.resources, node_cores=os.cpu_count() or 1, peers=1)  # each engine's
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import ray
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from cai_ray.config import (
-        ClusterConfig,
-        ConstitutionConfig,
-        DataConfig,
-        EngineConfig,
-        FeedbackConfig,
-        ModelConfig,
-        ResourcesConfig,
-        RolloutConfig,
-    )
-    from cai_ray.backend import decide
     from cai_ray.constitution import comparison_prompt, load_constitution, render_chat
     from cai_ray.data import load_prompts
     from cai_ray.inference.engine import engine_args
@@ -98,31 +103,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from cai_ray.launcher import init_ray
     from cai_ray.types import ComparisonRequest, Prompt
 
-    model = ModelConfig(name=args.model, dtype=args.dtype, max_model_len=1024)
-    engine = EngineConfig(kv_cache_memory_mb=64)
-    resources = ResourcesConfig(num_cpus=args.threads)
-    rollout = RolloutConfig(num_workers=1, num_samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
-                            temperature=1.0, top_p=1.0, engine=engine, resources=resources)
-    feedback = FeedbackConfig(num_workers=1, batch_size=16, max_in_flight_per_worker=2, label_mode="multiple_choice",
-                              num_principles_per_label=1, swap_debias=True, engine=engine, resources=resources)
-    constitution_cfg = ConstitutionConfig(path="harmless", num_few_shot=1)
-    data = DataConfig(max_prompt_tokens=256)
-    cluster = ClusterConfig(num_cpus=max(4, 3 * args.threads), object_store_memory_mb=512)
+    # The pool labels with the policy: the baselines score on the direct engine, which runs the policy.
+    model, rollout, feedback, constitution_cfg, data = cfg.models.policy, cfg.rollout, cfg.feedback, cfg.constitution, \
+        cfg.data
+    engine, seed, num_prompts = rollout.engine, cfg.seed, cfg.schedule.num_prompts_per_iteration
+    num_samples, max_new_tokens = rollout.num_samples_per_prompt, rollout.max_new_tokens
+    # Three engines on this node: the rollout actor, the feedback actor and the direct one.
+    cluster = cfg.cluster.model_copy(update={"num_cpus": max(cfg.cluster.num_cpus or 0, 3 * threads)})
     init_ray(cluster)
 
     # The direct engine: exactly the arguments the rollout actor's engine gets.
-    llm = LLM(**engine_args(model, engine, backend=decide("rollout", resources),
-                            seed=stable_seed(args.seed, "rollout-engine", 0)))
+    llm = LLM(**engine_args(model, engine, backend=decide("rollout", rollout.resources),
+                            seed=stable_seed(seed, "rollout-engine", 0)))
     tokenizer = llm.get_tokenizer()
     constitution = load_constitution(constitution_cfg.path)
     records = load_prompts("redteam_train") + load_prompts("helpful_train")
-    prompts = [Prompt(r.id, r.prompt) for r in records[: args.prompts]]
+    prompts = [Prompt(r.id, r.prompt) for r in records[:num_prompts]]
     prompt_ids = [tokenizer.encode(render_chat(tokenizer, [{"role": "user", "content": p.text}]),
                                    add_special_tokens=False) for p in prompts]
 
-    fleet = start_rollout_workers(model, rollout, data, cluster, seed=args.seed)
+    fleet = start_rollout_workers(model, rollout, data, cluster, seed=seed)
     workers = fleet.workers
-    pool = start_feedback_pool(model, feedback, constitution_cfg, data, cluster, seed=args.seed)
+    pool = start_feedback_pool(model, feedback, constitution_cfg, data, cluster, seed=seed)
     if args.niceness == "match":
         niceness = match_actor_niceness(workers[0])
     else:
@@ -135,8 +137,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             return sum(len(s.response_token_ids) for s in batch.samples)
 
         def direct_side(rep: int) -> float:
-            params = [SamplingParams(n=args.samples, temperature=1.0, top_p=1.0, logprobs=0,
-                                     max_tokens=min(args.max_new_tokens, model.max_model_len - len(ids)),
+            params = [SamplingParams(n=num_samples, temperature=rollout.temperature, top_p=rollout.top_p, logprobs=0,
+                                     max_tokens=min(max_new_tokens, model.max_model_len - len(ids)),
                                      seed=stable_seed(rep, p.id)) for p, ids in zip(prompts, prompt_ids)]
             outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
             return sum(len(c.token_ids) for o in outs for c in o.outputs)
@@ -151,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                     add_special_tokens=False) for p in source]
         need_prompts = -(-args.pairs * (args.reps + 1) // 2)  # 2 pairs per prompt
         outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in src_ids[:need_prompts]],
-                            SamplingParams(n=4, temperature=1.0, max_tokens=args.max_new_tokens, seed=args.seed + 1),
+                            SamplingParams(n=4, temperature=1.0, max_tokens=max_new_tokens, seed=seed + 1),
                             use_tqdm=False)
         all_pairs = [ComparisonRequest(f"{p.id}-{j}", p.text, o.outputs[a].text, o.outputs[b].text)
                      for p, o in zip(source, outs) for j, (a, b) in enumerate([(0, 1), (2, 3)])]
@@ -168,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         def rendered(req: ComparisonRequest) -> list[list[int]]:
             # The pool worker's principle draw for this pair, then both presentation orders.
-            rng = random.Random(stable_seed(args.seed, "comparison", req.pair_id, 0))
+            rng = random.Random(stable_seed(seed, "comparison", req.pair_id, 0))
             [principle] = constitution.sample_principles(rng, "comparison", 1, constitution_cfg.tiers)
             texts = [comparison_prompt(tokenizer, constitution, principle, prompt=req.prompt, response_a=x,
                                        response_b=y, num_few_shot=constitution_cfg.num_few_shot)
@@ -212,9 +214,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             return max(abs(labels["pool"][k] - labels[other][k]) for k in labels["pool"])
 
         result: dict[str, Any] = {
-            "settings": {"model": args.model, "dtype": args.dtype, "reps": args.reps, "prompts": args.prompts,
-                         "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens,
-                         "pairs_per_rep": args.pairs, "threads_per_engine": args.threads, "seed": args.seed,
+            "settings": {"model": model.name, "dtype": model.dtype, "reps": args.reps, "prompts": num_prompts,
+                         "samples_per_prompt": num_samples, "max_new_tokens": max_new_tokens,
+                         "pairs_per_rep": args.pairs, "threads_per_engine": threads, "seed": seed,
                          "engine": engine.model_dump(), "feedback_workers": feedback.num_workers,
                          "feedback_batch_size": feedback.batch_size, "niceness": niceness},
             "rollout": {

@@ -147,8 +147,9 @@ def _bench(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(repo))
     from benchmarks.run import main as run_bench
 
-    argv = ["--quick"] if args.quick else []
-    for flag, value in (("--only", args.only), ("--model", args.model), ("--reps", args.reps), ("--out", args.out)):
+    argv = (["--quick"] if args.quick else []) + (["--only", args.only] if args.only else [])
+    argv += [a for s in args.set for a in ("--set", s)]
+    for flag, value in (("--reps", args.reps), ("--out", args.out)):
         if value is not None:
             argv += [flag, str(value)]
     suite = run_bench(argv, command=shlex.join(["cai-ray", "bench", *argv]))
@@ -213,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smoke every part with tiny sizes (numbers not quoted)")
     bench.add_argument("--only", default=None,
                        help="comma-separated parts (default all): inference, learner, sync, loop, scaling, peer")
-    bench.add_argument("--model", default=None, help="model for every part (default: each part's own)")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value in every part, e.g. --set models.policy.name=tiny-random-llama "
+                            "(repeatable; default: each part's own)")
     bench.add_argument("--reps", type=int, default=None, help="repetitions for every part (default: each part's own)")
     bench.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
     bench.set_defaults(func=_bench)

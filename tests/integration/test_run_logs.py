@@ -33,8 +33,9 @@ def test_a_run_prints_its_result_and_sends_engine_logs_to_the_run_folder(tmp_pat
 
     # The console: one line per role, the result, the run folder; none of the engines' or frameworks' lines.
     assert "RL-CAI: 1 iterations" in console and f"run folder: {run}" in console
+    shown = re.escape(str(logs.relative_to(tmp_path)))  # relative to the working directory, where it is below it
     for role in ("rollout", "feedback", "learner"):
-        assert re.search(rf"^{role}: 1 actor started on 1 node, cpu/gloo, \d+ threads \(details and logs: {logs}\)$",
+        assert re.search(rf"^{role}: 1 actor started on 1 node, cpu/gloo, \d+ threads \(details and logs: {shown}\)$",
                          console, re.M), console
     assert not VLLM_INFO.search(console) and "pid=" not in console and "wandb:" not in console, console
     assert not STARTED.search(console)
