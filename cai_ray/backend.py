@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from cai_ray.run_logs import LOG_DIR_ENV, VERBOSE_ENV, capture_actor_output
+from cai_ray.run_logs import LEVEL_ENV, LOG_DIR_ENV, VERBOSE_ENV, capture_actor_output
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 Device = Literal["cpu", "cuda"]
 # Passed through from the caller's environment to every actor (caches, offline switches, wandb, the run's logs).
 _PASSTHROUGH_ENV = ("CAI_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "WANDB_MODE", "WANDB_API_KEY", LOG_DIR_ENV,
-                    VERBOSE_ENV)
+                    VERBOSE_ENV, *LEVEL_ENV)
 
 
 class RoleMismatchError(RuntimeError):

@@ -5,18 +5,19 @@ A run (``cai-ray sl | rl | run | demo | eval``) enters :func:`run_logging` once,
 
 - Ray does not stream its workers' output to the driver (``log_to_driver=False`` in
   :func:`cai_ray.launcher.init_ray`);
-- every role's actor sends its own stdout and stderr (vLLM, DeepSpeed, transformers, Ray Train, tracebacks)
-  to ``<log dir>/<actor name>.log`` from its first line of role code on (:func:`capture_actor_output`,
-  called by :func:`cai_ray.backend.enter_role`); what a worker prints before that (Ray's own start-up) stays in
-  Ray's worker logs, ``<ray temp dir>/session_latest/logs``;
+- every role's actor logs vLLM and transformers at WARNING and sends its own stdout and stderr (those warnings,
+  DeepSpeed, Ray Train, tracebacks) to ``<log dir>/<actor name>.log`` from its first line of role code on
+  (:func:`capture_actor_output`, called by :func:`cai_ray.backend.enter_role`); what a worker prints before
+  that (Ray's own start-up) stays in Ray's worker logs, ``<ray temp dir>/session_latest/logs``;
 - where each actor runs (node, pid, device, threads, code) goes to ``<log dir>/actors.log``, and one line per
   role to the console (:func:`report_started`);
 - the driver's library loggers (Ray, Ray Train / Data, vLLM, transformers, DeepSpeed, ...) show warnings and
   errors only (Ray Data's progress lines go to Ray's ``ray-data.log``), and wandb is silent.
 
 The console keeps cai-ray's progress bars, phase timings, warnings and results. With ``verbose`` everything
-is shown as Ray and the libraries print it (the start-up lines too, besides ``actors.log``). The settings reach
-the actors through two environment variables, passed to every actor by :func:`cai_ray.backend.actor_env`.
+is shown as Ray and the libraries print it (the start-up lines too, besides ``actors.log``). A level the user
+set in the environment (``VLLM_LOGGING_LEVEL``, ...) is kept. The settings reach the actors as environment
+variables, passed to every actor by :func:`cai_ray.backend.actor_env`.
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ ACTORS_LOG = "actors.log"
 # Driver-side loggers that speak at INFO about their internals; quiet runs keep their warnings and errors.
 LIBRARY_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "ray.serve", "vllm", "transformers", "deepspeed",
                    "DeepSpeed", "torch", "huggingface_hub", "datasets", "filelock", "urllib3", "wandb")
-# Set in the driver while a quiet run lasts (read by the libraries at import or at use).
-QUIET_DRIVER_ENV = {"WANDB_SILENT": "true", "VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "warning",
-                    # Ray Data configures its logger when imported: its console handler at WARNING.
-                    "RAY_DATA_LOGGING_CONFIG": str(Path(__file__).parent / "assets" / "ray_data_logging.yaml")}
+# Set while a quiet run lasts, unless already set (a user's own choice wins); read by the libraries at import or
+# use. The log levels also reach every actor (backend.actor_env passes them through).
+QUIET_ENV = {"WANDB_SILENT": "true", "VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "warning",
+             # Ray Data configures its logger when imported: its console handler at WARNING.
+             "RAY_DATA_LOGGING_CONFIG": str(Path(__file__).parent / "assets" / "ray_data_logging.yaml")}
+LEVEL_ENV = ("VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY")
 _started_lock = threading.Lock()  # roles start in parallel threads; their blocks of lines must not interleave
 
 
@@ -65,7 +68,8 @@ def run_logging(folder: Path, *, verbose: bool) -> Iterator[Path]:
     every log in one place; elsewhere each node keeps its actors' logs at that path, if it may write there).
     """
     folder = folder.resolve()
-    env = {LOG_DIR_ENV: str(folder), VERBOSE_ENV: "1" if verbose else "0"} | ({} if verbose else QUIET_DRIVER_ENV)
+    quiet = {} if verbose else {k: v for k, v in QUIET_ENV.items() if k not in os.environ}
+    env = {LOG_DIR_ENV: str(folder), VERBOSE_ENV: "1" if verbose else "0"} | quiet
     saved_env = {key: os.environ.get(key) for key in env}
     saved_levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
     os.environ.update(env)

@@ -17,8 +17,9 @@ LINES = ["rollout worker 0: node 10.0.0.1 [abcdef12] pid 11, cpu/gloo, 1 threads
 REPORTS = [{"node_id": "abcdef12", "threads": 1}, {"node_id": "12345678", "threads": 1}]
 
 
-def test_a_quiet_run_logs_start_up_lines_to_a_file_and_prints_one_line(tmp_path: Path,
+def test_a_quiet_run_logs_start_up_lines_to_a_file_and_prints_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     with run_logs.run_logging(tmp_path / "logs", verbose=False) as folder:
         assert not folder.exists()  # created by its first log, not before
         run_logs.report_started("rollout", LINES, REPORTS, device="cpu/gloo")
@@ -26,6 +27,7 @@ def test_a_quiet_run_logs_start_up_lines_to_a_file_and_prints_one_line(tmp_path:
         # Every actor started from here gets the run's log folder and quietness, and its own file name.
         env = decide("rollout", ResourcesConfig()).env
         assert env[run_logs.LOG_DIR_ENV] == str(folder) and env[run_logs.VERBOSE_ENV] == "0"
+        assert env["VLLM_LOGGING_LEVEL"] == "WARNING"  # also on nodes whose raylets did not inherit the driver's env
     out = capsys.readouterr().out.splitlines()
     assert out == [f"rollout: 2 actors started on 2 nodes, cpu/gloo, 1 threads (details and logs: {folder})",
                    f"rollout: 1 actor started on 1 node, cpu/gloo, 1 threads (details and logs: {folder})"]
@@ -57,6 +59,10 @@ def test_run_logging_quiets_the_driver_libraries_and_restores_everything(tmp_pat
     assert run_logs.log_dir() is None and run_logs.is_verbose() and run_logs.logs_hint() == ""
     with run_logs.run_logging(tmp_path / "logs", verbose=True):  # verbose: the libraries keep their levels
         assert logging.getLogger("vllm").level == logging.INFO and "WANDB_SILENT" not in os.environ
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    with run_logs.run_logging(tmp_path / "logs", verbose=False):  # a level the user set stays
+        assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
 
 
 def test_output_is_not_redirected_outside_an_actor(tmp_path: Path) -> None:
