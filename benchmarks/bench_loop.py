@@ -45,8 +45,8 @@ ASYNC_TARGET = 1.15
 
 
 # The work, as config values over --config (shared with bench_peer: the same loop on the same work).
-LOOP_DEFAULTS = ("schedule.num_iterations=8", "schedule.num_prompts_per_iteration=8", "rollout.num_samples_per_prompt=2",
-                 "rollout.max_new_tokens=32")
+LOOP_DEFAULTS = ("schedule.num_iterations=8", "schedule.num_prompts_per_iteration=8",
+                 "rollout.num_samples_per_prompt=2", "rollout.max_new_tokens=32")
 LOOP_QUICK = ("schedule.num_iterations=3", "schedule.num_prompts_per_iteration=4", "rollout.max_new_tokens=16")
 # What the measurement fixes: no mid-run checkpoints (the final one comes after the last record), no wandb, no bar.
 LOOP_FIXED = (f"schedule.checkpoint_every={10**6}", "logging.wandb_mode=disabled", "logging.progress=false",

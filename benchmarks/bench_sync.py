@@ -28,11 +28,11 @@ from typing import Any
 from benchmarks.common import bench_config, bench_parser, command_line, figure, summary, write_result
 
 # The work, as config values over --config (default the quickstart).
-DEFAULTS = ("models.policy.name=smollm2-135m-instruct", "models.policy.dtype=float32", "models.policy.max_model_len=512",
-            "rollout.num_workers=2", "rollout.resources.num_cpus=1", "rollout.engine.kv_cache_memory_mb=32",
-            "rollout.engine.max_num_seqs=4", "learner.num_ranks=2", "learner.zero_stage=3",
-            "learner.collective_timeout_s=600", "sync.bucket_size_mb=256", "sync.timeout_s=300", "cluster.num_cpus=8",
-            "cluster.object_store_memory_mb=2048", "cluster.step_timeout_s=600")
+DEFAULTS = ("models.policy.name=smollm2-135m-instruct", "models.policy.dtype=float32",
+            "models.policy.max_model_len=512", "rollout.num_workers=2", "rollout.resources.num_cpus=1",
+            "rollout.engine.kv_cache_memory_mb=32", "rollout.engine.max_num_seqs=4", "learner.num_ranks=2",
+            "learner.zero_stage=3", "learner.collective_timeout_s=600", "sync.bucket_size_mb=256", "sync.timeout_s=300",
+            "cluster.num_cpus=8", "cluster.object_store_memory_mb=2048", "cluster.step_timeout_s=600")
 QUICK = ("models.policy.name=tiny-random-llama", "rollout.num_workers=1")
 
 
@@ -145,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         command=command_line("benchmarks.bench_sync", argv))
     _plot(result, path.with_suffix(".png"))
     result["json"] = str(path)
-    print(f"weight sync ({policy.name}, {result['num_bytes'] / 1e6:.0f} MB -> {cfg.rollout.num_workers} engines): " + ", ".join(
+    print(f"weight sync ({policy.name}, {result['num_bytes'] / 1e6:.0f} MB -> {cfg.rollout.num_workers} engines): "
+          + ", ".join(
         f"{t} {r['summary']['median']:.0f} MB/s (x{r['ratio_vs_flat_broadcast']:.2f} of flat broadcast)"
         for t, r in result["transports"].items()) + f"; flat broadcast {result['flat_broadcast']['summary']['median']:.0f} MB/s")
     return result

@@ -282,7 +282,8 @@ def apply_env(decision: RoleBackend) -> None:
 def enter_role(role: str, resources: ResourcesConfig, *, uses_vllm: bool) -> RoleBackend:
     """Decide ``role``'s backend, apply its env and check what this process got; call first in a role.
 
-    In a quiet run the actor's output goes to its log file from here on (:func:`cai_ray.run_logs.capture_actor_output`).
+    In a quiet run the actor's output goes to its log file from here on
+    (:func:`cai_ray.run_logs.capture_actor_output`).
 
     Raises:
         RoleMismatchError: the actor cannot run the role as decided (the message names role and fix).
