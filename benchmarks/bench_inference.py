@@ -20,7 +20,11 @@ repetition uses fresh pairs so the prefix cache only helps with what real labell
 constitution's few-shot prefix). JSON goes to ``benchmarks/results/`` with the machine, package
 versions, the command and every repetition.
 
-    python -m benchmarks.bench_inference [--quick] [--model tiny-random-llama] [--reps 5] [--mode all|axes]
+    python -m benchmarks.bench_inference [--quick] [--reps 5] [--pairs 48] [--mode all|axes] [--config C] [--set KEY=VALUE ...]
+
+The work comes from the config (default the quickstart): model and dtype (``models.policy``), prompts per
+repetition (``schedule.num_prompts_per_iteration``), samples and length (``rollout.*``), threads per engine
+(``rollout.resources``), the pool's batching (``feedback.*``), ``seed``.
 """
 
 from __future__ import annotations
@@ -37,30 +41,39 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, alternate, command_line, match_actor_niceness, summary, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    alternate,
+    bench_config,
+    bench_parser,
+    command_line,
+    figure,
+    match_actor_niceness,
+    summary,
+    write_result,
+)
+
+
+# The work, as config values over --config (default the quickstart): one engine per side, 1 CPU thread each.
+DEFAULTS = ("schedule.num_prompts_per_iteration=32", "rollout.num_samples_per_prompt=4", "rollout.max_new_tokens=32",
+            "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.num_workers=1", "rollout.resources.num_cpus=1",
+            "feedback.num_workers=1", "feedback.resources.num_cpus=1", "feedback.batch_size=16",
+            "feedback.max_in_flight_per_worker=2", "feedback.label_mode=multiple_choice",
+            "feedback.num_principles_per_label=1", "feedback.swap_debias=true", "cluster.object_store_memory_mb=512")
+QUICK = ("schedule.num_prompts_per_iteration=4", "rollout.num_samples_per_prompt=2", "rollout.max_new_tokens=8")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes to smoke the code; numbers are not quoted")
-    p.add_argument("--model", default="tiny-random-llama", help="model reference (built-in, folder or hub id)")
-    p.add_argument("--dtype", default="float32", help="model dtype")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions of each side (after one warm-up)")
-    p.add_argument("--prompts", type=int, default=32, help="rollout prompts per repetition")
-    p.add_argument("--samples", type=int, default=4, help="responses per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest response")
+    p = bench_parser(__doc__, reps=5)
     p.add_argument("--pairs", type=int, default=48, help="pairs labelled per repetition")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per engine (actor num_cpus, OMP threads)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--niceness", choices=["match", "keep"], default="match",
                    help="match: run this process at the actors' niceness (Ray starts workers at nice 15), so the "
                         "in-process baselines get no scheduling edge on a shared machine; keep: leave it")
     p.add_argument("--mode", choices=["all", "axes"], default="all",
                    help="all: rollout, labels and per-axis labels; axes: only labels/s on 1, 4 and 12 axes")
-    p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON result")
     args = p.parse_args(argv)
     if args.quick:
-        args.reps, args.prompts, args.samples, args.max_new_tokens, args.pairs = 1, 4, 2, 8, 4
+        args.reps, args.pairs = 1, 4
+    args.cfg = bench_config(args, DEFAULTS, QUICK)
     return args
 
 
@@ -77,7 +90,8 @@ def median_ratio(ours: list[tuple[float, float]], base: list[tuple[float, float]
 AXIS_COUNTS = (1, 4, 12)  # the issue's K: one axis, a few, and every axis of axes12
 
 
-def sample_pairs(llm: Any, tokenizer: Any, records: Sequence[Any], args: argparse.Namespace) -> list[Any]:
+def sample_pairs(llm: Any, tokenizer: Any, records: Sequence[Any], args: argparse.Namespace, *, max_new_tokens: int,
+                 seed: int) -> list[Any]:
     """Real responses to label: 4 sampled once per prompt, cut into 2 pairs per prompt (fresh pairs per repetition)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -90,7 +104,7 @@ def sample_pairs(llm: Any, tokenizer: Any, records: Sequence[Any], args: argpars
                                 add_special_tokens=False) for p in source]
     need_prompts = -(-args.pairs * (args.reps + 1) // 2)  # 2 pairs per prompt
     outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in src_ids[:need_prompts]],
-                        SamplingParams(n=4, temperature=1.0, max_tokens=args.max_new_tokens, seed=args.seed + 1),
+                        SamplingParams(n=4, temperature=1.0, max_tokens=max_new_tokens, seed=seed + 1),
                         use_tqdm=False)
     all_pairs = [ComparisonRequest(f"{p.id}-{j}", p.text, o.outputs[a].text, o.outputs[b].text)
                  for p, o in zip(source, outs) for j, (a, b) in enumerate([(0, 1), (2, 3)])]
@@ -99,7 +113,7 @@ def sample_pairs(llm: Any, tokenizer: Any, records: Sequence[Any], args: argpars
     return all_pairs
 
 
-def measure_axes(args: argparse.Namespace, model: Any, feedback: Any, data: Any, cluster: Any,
+def measure_axes(args: argparse.Namespace, model: Any, feedback: Any, data: Any, cluster: Any, seed: int,
                  pairs_for: Any) -> dict[str, Any]:
     """Labels/s for K = 1, 4, 12 axes of ``axes12``: one pool per K (one worker each), the same pairs, alternated.
 
@@ -110,7 +124,7 @@ def measure_axes(args: argparse.Namespace, model: Any, feedback: Any, data: Any,
     from cai_ray.constitution import load_constitution
     from cai_ray.inference.feedback import start_feedback_pool
 
-    constitution = ConstitutionConfig(path="axes12", num_few_shot=1)
+    constitution = ConstitutionConfig(path="axes12", num_few_shot=args.cfg.constitution.num_few_shot)
     axes = load_constitution(constitution.path).axis_ids
     pools: dict[int, Any] = {}
     labels: dict[int, dict[str, dict[str, float]]] = {k: {} for k in AXIS_COUNTS}
@@ -118,7 +132,7 @@ def measure_axes(args: argparse.Namespace, model: Any, feedback: Any, data: Any,
     try:
         for k in AXIS_COUNTS:
             cfg = type(feedback).model_validate(feedback.model_dump() | {"label_axes": list(axes[:k])})
-            pools[k] = start_feedback_pool(model, cfg, constitution, data, cluster, seed=args.seed)
+            pools[k] = start_feedback_pool(model, cfg, constitution, data, cluster, seed=seed)
 
         def side(k: int) -> Any:
             def run(rep: int) -> float:
@@ -151,54 +165,39 @@ def measure_axes(args: argparse.Namespace, model: Any, feedback: Any, data: Any,
 
 def plot_axes(axes: dict[str, Any], path: Path, *, title: str) -> None:
     """Labels/s per K with the "K times one axis" line, and the cost per axis relative to one axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ks = axes["axis_counts"]
     med = [axes["rate"][str(k)]["summary"]["median"] for k in ks]
     low = [m - axes["rate"][str(k)]["summary"]["min"] for k, m in zip(ks, med)]
     high = [axes["rate"][str(k)]["summary"]["max"] - m for k, m in zip(ks, med)]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
-    left.bar([str(k) for k in ks], med, yerr=[low, high], capsize=4, label="measured (median, min-max)")
-    left.plot([str(k) for k in ks], [med[0] / k for k in ks], "r--o", label="if K axes cost K x one axis")
-    left.set_xlabel("axes labelled per pair (K)")
-    left.set_ylabel("labels/s (pairs on all K axes)")
-    left.legend(fontsize=7)
-    cost = [axes["cost_per_axis_vs_1_axis"][str(k)] for k in ks]
-    right.bar([str(k) for k in ks], cost, color="tab:green")
-    right.axhline(1.0, color="red", linestyle="--", label="no sharing (K x one axis)")
-    right.set_xlabel("axes labelled per pair (K)")
-    right.set_ylabel("cost per axis / cost of one axis")
-    right.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, figsize=(9, 4), ncols=2) as (left, right):
+        left.bar([str(k) for k in ks], med, yerr=[low, high], capsize=4, label="measured (median, min-max)")
+        left.plot([str(k) for k in ks], [med[0] / k for k in ks], "r--o", label="if K axes cost K x one axis")
+        left.set_xlabel("axes labelled per pair (K)")
+        left.set_ylabel("labels/s (pairs on all K axes)")
+        left.legend(fontsize=7)
+        cost = [axes["cost_per_axis_vs_1_axis"][str(k)] for k in ks]
+        right.bar([str(k) for k in ks], cost, color="tab:green")
+        right.axhline(1.0, color="red", linestyle="--", label="no sharing (K x one axis)")
+        right.set_xlabel("axes labelled per pair (K)")
+        right.set_ylabel("cost per axis / cost of one axis")
+        right.legend(fontsize=7)
+        left.figure.suptitle(title, fontsize=9)
 
 
 # ------------------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the result (also written as JSON under ``--out``, its path in ``result["json"]``)."""
     args = parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    cfg = args.cfg
+    from cai_ray.backend import decide, resolve_threads
+
+    threads = resolve_threads(cfg.rollout.resources, node_cores=os.cpu_count() or 1, peers=1)  # each engine's
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import ray
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from cai_ray.config import (
-        ClusterConfig,
-        ConstitutionConfig,
-        DataConfig,
-        EngineConfig,
-        FeedbackConfig,
-        ModelConfig,
-        ResourcesConfig,
-        RolloutConfig,
-    )
-    from cai_ray.backend import decide
     from cai_ray.constitution import comparison_prompt, load_constitution, render_chat
     from cai_ray.data import load_prompts
     from cai_ray.inference.engine import engine_args
@@ -210,37 +209,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from cai_ray.launcher import init_ray
     from cai_ray.types import ComparisonRequest, Prompt
 
-    model = ModelConfig(name=args.model, dtype=args.dtype, max_model_len=1024)
-    engine = EngineConfig(kv_cache_memory_mb=64)
-    resources = ResourcesConfig(num_cpus=args.threads)
-    rollout = RolloutConfig(num_workers=1, num_samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
-                            temperature=1.0, top_p=1.0, engine=engine, resources=resources)
-    feedback = FeedbackConfig(num_workers=1, batch_size=16, max_in_flight_per_worker=2, label_mode="multiple_choice",
-                              num_principles_per_label=1, swap_debias=True, engine=engine, resources=resources)
-    constitution_cfg = ConstitutionConfig(path="harmless", num_few_shot=1)
-    data = DataConfig(max_prompt_tokens=256)
-    cluster = ClusterConfig(num_cpus=max(4, 3 * args.threads), object_store_memory_mb=512)
+    # The pool labels with the policy: the baselines score on the direct engine, which runs the policy.
+    model, rollout, feedback, constitution_cfg, data = cfg.models.policy, cfg.rollout, cfg.feedback, cfg.constitution, \
+        cfg.data
+    engine, seed, num_prompts = rollout.engine, cfg.seed, cfg.schedule.num_prompts_per_iteration
+    num_samples, max_new_tokens = rollout.num_samples_per_prompt, rollout.max_new_tokens
+    # Three engines on this node: the rollout actor, the feedback actor and the direct one.
+    cluster = cfg.cluster.model_copy(update={"num_cpus": max(cfg.cluster.num_cpus or 0, 3 * threads)})
     init_ray(cluster)
 
     # The direct engine: exactly the arguments the rollout actor's engine gets.
-    llm = LLM(**engine_args(model, engine, backend=decide("rollout", resources),
-                            seed=stable_seed(args.seed, "rollout-engine", 0)))
+    llm = LLM(**engine_args(model, engine, backend=decide("rollout", rollout.resources),
+                            seed=stable_seed(seed, "rollout-engine", 0)))
     tokenizer = llm.get_tokenizer()
     constitution = load_constitution(constitution_cfg.path)
     records = load_prompts("redteam_train") + load_prompts("helpful_train")
-    prompts = [Prompt(r.id, r.prompt) for r in records[: args.prompts]]
+    prompts = [Prompt(r.id, r.prompt) for r in records[:num_prompts]]
     prompt_ids = [tokenizer.encode(render_chat(tokenizer, [{"role": "user", "content": p.text}]),
                                    add_special_tokens=False) for p in prompts]
 
     if args.mode == "axes":  # per-axis labels only: no rollout actor, no in-process baseline
-        all_axis_pairs = sample_pairs(llm, tokenizer, records, args)
-        result = {"settings": settings(args, engine, feedback),
-                  "axes": measure_axes(args, model, feedback, data, cluster,
+        all_axis_pairs = sample_pairs(llm, tokenizer, records, args, max_new_tokens=max_new_tokens, seed=seed)
+        result = {"settings": settings(args, threads),
+                  "axes": measure_axes(args, model, feedback, data, cluster, seed,
                                        lambda rep: pairs_of(all_axis_pairs, rep, args.pairs))}
         return finish(result, args, argv)
-    fleet = start_rollout_workers(model, rollout, data, cluster, seed=args.seed)
+    fleet = start_rollout_workers(model, rollout, data, cluster, seed=seed)
     workers = fleet.workers
-    pool = start_feedback_pool(model, feedback, constitution_cfg, data, cluster, seed=args.seed)
+    pool = start_feedback_pool(model, feedback, constitution_cfg, data, cluster, seed=seed)
     if args.niceness == "match":
         niceness = match_actor_niceness(workers[0])
     else:
@@ -253,8 +249,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             return sum(len(s.response_token_ids) for s in batch.samples)
 
         def direct_side(rep: int) -> float:
-            params = [SamplingParams(n=args.samples, temperature=1.0, top_p=1.0, logprobs=0,
-                                     max_tokens=min(args.max_new_tokens, model.max_model_len - len(ids)),
+            params = [SamplingParams(n=num_samples, temperature=rollout.temperature, top_p=rollout.top_p, logprobs=0,
+                                     max_tokens=min(max_new_tokens, model.max_model_len - len(ids)),
                                      seed=stable_seed(rep, p.id)) for p, ids in zip(prompts, prompt_ids)]
             outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
             return sum(len(c.token_ids) for o in outs for c in o.outputs)
@@ -263,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         same_tokens = [u for _, u in rollout_runs["actor"]] == [u for _, u in rollout_runs["direct"]]
 
         # ------------------------------------------------------------------------------- labels
-        all_pairs = sample_pairs(llm, tokenizer, records, args)
+        all_pairs = sample_pairs(llm, tokenizer, records, args, max_new_tokens=max_new_tokens, seed=seed)
 
         def pairs_for(rep: int) -> list[ComparisonRequest]:
             return pairs_of(all_pairs, rep, args.pairs)
@@ -274,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         def rendered(req: ComparisonRequest) -> list[list[int]]:
             # The pool worker's principle draw for this pair, then both presentation orders.
-            rng = random.Random(stable_seed(args.seed, "comparison", req.pair_id, 0))
+            rng = random.Random(stable_seed(seed, "comparison", req.pair_id, 0))
             [principle] = constitution.sample_principles(rng, "comparison", 1, constitution_cfg.tiers)
             texts = [comparison_prompt(tokenizer, constitution, principle, prompt=req.prompt, response_a=x,
                                        response_b=y, num_few_shot=constitution_cfg.num_few_shot)
@@ -318,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             return max(abs(labels["pool"][k] - labels[other][k]) for k in labels["pool"])
 
         result: dict[str, Any] = {
-            "settings": settings(args, engine, feedback) | {"niceness": niceness},
+            "settings": settings(args, threads) | {"niceness": niceness},
             "rollout": {
                 "unit": "generated tokens",
                 "actor": rates(rollout_runs["actor"]),
@@ -342,16 +338,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     finally:
         pool.shutdown()
         fleet.shutdown()
-    result["axes"] = measure_axes(args, model, feedback, data, cluster, pairs_for)
+
+    result["axes"] = measure_axes(args, model, feedback, data, cluster, seed, pairs_for)
     return finish(result, args, argv)
 
 
-def settings(args: argparse.Namespace, engine: Any, feedback: Any) -> dict[str, Any]:
+def settings(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     """The settings every measurement shares (recorded in the JSON)."""
-    return {"mode": args.mode, "model": args.model, "dtype": args.dtype, "reps": args.reps, "prompts": args.prompts,
-            "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens, "pairs_per_rep": args.pairs,
-            "threads_per_engine": args.threads, "seed": args.seed, "engine": engine.model_dump(),
-            "feedback_workers": feedback.num_workers, "feedback_batch_size": feedback.batch_size}
+    cfg = args.cfg
+    model, rollout, feedback = cfg.models.policy, cfg.rollout, cfg.feedback
+    return {"mode": args.mode, "model": model.name, "dtype": model.dtype, "reps": args.reps,
+            "prompts": cfg.schedule.num_prompts_per_iteration, "samples_per_prompt": rollout.num_samples_per_prompt,
+            "max_new_tokens": rollout.max_new_tokens, "pairs_per_rep": args.pairs, "threads_per_engine": threads,
+            "seed": cfg.seed, "engine": rollout.engine.model_dump(), "feedback_workers": feedback.num_workers,
+            "feedback_batch_size": feedback.batch_size}
 
 
 def pairs_of(all_pairs: Sequence[Any], rep: int, n: int) -> list[Any]:

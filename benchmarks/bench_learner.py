@@ -8,7 +8,10 @@ cross-entropy with ignore_index, ``backward``/``step``), timed inside rank 0 bet
 Both see the same rows per rank and count real (non-pad) tokens. After a warm-up, A and B alternate
 (A B A B ...) and the JSON reports every repetition, min/median/max and the median ratio A/B.
 
-    python -m benchmarks.bench_learner [--quick] [--model tiny-random-llama] [--reps 7] [--zero-stage 2]
+    python -m benchmarks.bench_learner [--quick] [--reps 7] [--steps 10] [--warmup 5] [--set learner.zero_stage=3]
+
+The work comes from the config (default the quickstart): the model (``models.policy``), ranks, ZeRO stage, rows
+per rank (``learner.micro_batch_size``) and learning rate (``learner.*``).
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, command_line, summary, write_result  # noqa: E402
+from benchmarks.common import bench_config, bench_parser, command_line, summary, write_result  # noqa: E402
 from cai_ray import launcher  # noqa: E402
-from cai_ray.config import ClusterConfig, LearnerConfig, ModelConfig, ModelsConfig  # noqa: E402
+from cai_ray.config import LearnerConfig  # noqa: E402
 from cai_ray.models import ModelRef  # noqa: E402
 from cai_ray.types import TrainSequence  # noqa: E402
 
@@ -91,20 +94,25 @@ def make_batch(num_rows: int, *, vocab: int, prompt_len: tuple[int, int], respon
             for _ in range(num_rows)]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="Tiny smoke run (numbers not quotable).")
-    parser.add_argument("--model", default="tiny-random-llama", help="Built-in name, HF folder or hub id.")
-    parser.add_argument("--reps", type=int, default=7, help="Timed A/B repetitions.")
-    parser.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
-    parser.add_argument("--num-ranks", type=int, default=2)
-    parser.add_argument("--rows-per-rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="Optimizer steps per repetition.")
-    parser.add_argument("--warmup", type=int, default=5, help="Untimed steps of each side before timing.")
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="Folder for the JSON result.")
-    args = parser.parse_args(argv)
+# The work, as config values over --config (default the quickstart); rows per rank = learner.micro_batch_size.
+DEFAULTS = ("learner.num_ranks=2", "learner.zero_stage=2", "learner.micro_batch_size=8", "learner.lr=1e-5",
+            "cluster.step_timeout_s=1800")
+QUICK = ("learner.micro_batch_size=2",)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = bench_parser(__doc__, reps=7, warmup=5, warmup_help="untimed optimizer steps of each side before timing")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per repetition")
+    args = p.parse_args(argv)
     if args.quick:
-        args.reps, args.steps, args.warmup, args.rows_per_rank = min(args.reps, 2), 2, 1, 2
+        args.reps, args.steps, args.warmup = min(args.reps, 2), 2, 1
+    args.cfg = bench_config(args, DEFAULTS, QUICK)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    learner, rows_per_rank = args.cfg.learner, args.cfg.learner.micro_batch_size
 
     import ray
 
@@ -113,27 +121,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from cai_ray.training.learner import LearnerRoles
     from cai_ray.training.modeling import shard
 
-    model_path = resolve_model(args.model)
+    policy = args.cfg.models.policy
+    model_path = resolve_model(policy.name, revision=policy.revision)
     vocab = json.loads((Path(model_path) / "config.json").read_text())["vocab_size"]
     lengths = ((8, 16), (8, 24)) if args.quick else ((32, 96), (32, 160))
-    seqs = make_batch(args.rows_per_rank * args.num_ranks, vocab=vocab, prompt_len=lengths[0],
+    seqs = make_batch(rows_per_rank * learner.num_ranks, vocab=vocab, prompt_len=lengths[0],
                       response_len=lengths[1], seed=0)
     tokens_per_step = sum(len(s.prompt_token_ids) + len(s.response_token_ids) for s in seqs)
-    learner = LearnerConfig(num_ranks=args.num_ranks, zero_stage=args.zero_stage, micro_batch_size=args.rows_per_rank,
-                            lr=1e-5)
-    cluster = ClusterConfig(num_cpus=max(8, 2 * args.num_ranks), step_timeout_s=1800)
+    cluster = args.cfg.cluster  # both sides' ranks at once
+    cluster = cluster.model_copy(update={"num_cpus": max(cluster.num_cpus or 0, 2 * learner.num_ranks)})
     launcher.init_ray(cluster)
 
-    group = LearnerGroup(learner, ModelsConfig(policy=ModelConfig(name=model_path)), cluster, seed=0,
-                         roles=LearnerRoles(reference=False))
-    plain = [launcher.spawn(PlainDeepSpeedLoop, rank=i, world_size=args.num_ranks, learner=learner,
-                            model=ModelRef(model_path, revision=None, trust_remote_code=False), seed=0,
-                            role="learner", resources=learner.resources)
-             for i in range(args.num_ranks)]
-    names = [f"plain rank {i}" for i in range(args.num_ranks)]
+    models = args.cfg.models.model_copy(update={"policy": policy.model_copy(update={"name": model_path})})
+    group = LearnerGroup(learner, models, cluster, seed=0, roles=LearnerRoles(reference=False))
+    plain = [launcher.spawn(PlainDeepSpeedLoop, rank=i, world_size=learner.num_ranks, learner=learner,
+                            model=ModelRef(model_path, revision=None, trust_remote_code=policy.trust_remote_code),
+                            seed=0, role="learner", resources=learner.resources)
+             for i in range(learner.num_ranks)]
+    names = [f"plain rank {i}" for i in range(learner.num_ranks)]
     try:
         addr, port = launcher.get(plain[0].open_rendezvous.remote(), timeout=cluster.startup, what="plain rank 0")
-        shards = shard(seqs, args.num_ranks)
+        shards = shard(seqs, learner.num_ranks)
         launcher.get_all([p.setup.remote(addr, port, part) for p, (part, _) in zip(plain, shards, strict=True)],
                          timeout=cluster.startup, names=names)
 
@@ -164,8 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result: dict[str, Any] = {
         "comparison": "LearnerGroup.sft_step vs a plain DeepSpeed loop",
-        "config": {"model": args.model, "model_path": model_path, "zero_stage": args.zero_stage,
-                   "num_ranks": args.num_ranks, "rows_per_rank": args.rows_per_rank,
+        "config": {"model": policy.name, "model_path": model_path, "zero_stage": learner.zero_stage,
+                   "num_ranks": learner.num_ranks, "rows_per_rank": rows_per_rank,
                    "tokens_per_step": tokens_per_step, "steps_per_rep": args.steps, "warmup_steps": args.warmup,
                    "reps": args.reps, "dtype": "float32", "threads_per_rank": learner.resources.num_cpus},
         "repetitions": reps,
@@ -174,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio": summary([r["ratio"] for r in reps]),
         "median_ratio": statistics.median(r["ratio"] for r in reps),
     }
-    path = write_result(f"learner-zero{args.zero_stage}", result, quick=args.quick, out_dir=Path(args.out),
+    path = write_result(f"learner-zero{learner.zero_stage}", result, quick=args.quick, out_dir=Path(args.out),
                         command=command_line("benchmarks.bench_learner", argv))
     result["json"] = str(path)
     print(f"median ratio learner/plain = {result['median_ratio']:.3f}  ->  {path}")

@@ -1,11 +1,12 @@
 """End-to-end RL-CAI iteration time by phase: the synchronous vs the asynchronous schedule, in one run.
 
-The quickstart loop (configs/quickstart-cpu.yaml: tiny model, SL skipped so RL starts from the built-in
-policy, online DPO from AI labels, the policy labelling itself) runs ``--iterations`` iterations with
-``schedule.mode=sync`` and with ``async``, alternating whole runs (sync, async, sync, async, ...) for
-``--reps`` runs each. With ``--threads auto`` each schedule lays out the roles' threads its own way and every
-run starts its roles; with one layout for both (``--threads reserved``, as ``--quick`` does) one set of roles
-serves every run. Every run drops its first ``--warmup`` iterations (first-call warm-ups) and its last
+The quickstart loop (configs/quickstart-cpu.yaml, or ``--config``: tiny model, SL skipped so RL starts from the
+built-in policy, online DPO from AI labels, the policy labelling itself) runs ``schedule.num_iterations``
+iterations with ``schedule.mode=sync`` and with ``async``, alternating whole runs (sync, async, sync, async, ...)
+for ``--reps`` runs each. When both schedules give the roles the same thread layout (``--quick`` sets
+``*.resources.num_threads=reserved``) one set of roles serves every run; with the default ``auto`` each schedule
+lays out the threads its own way and every run starts its roles. Every run drops its first ``--warmup``
+iterations (first-call warm-ups) and its last
 (it also saves the end-of-run checkpoint; mid-run checkpoints are off).
 
 Per iteration it records
@@ -19,7 +20,10 @@ and the async target
 with generate and train taken from the sync runs' medians: in sync mode nothing overlaps, so those are
 each phase's own cost (in async mode generation hides behind training and its timer sees only the wait).
 
-    python -m benchmarks.bench_loop [--quick] [--model tiny-random-llama] [--reps 3] [--iterations 8] [--threads auto]
+    python -m benchmarks.bench_loop [--quick] [--reps 3] [--warmup 1] [--set schedule.num_iterations=8]
+
+The work comes from the config: model, iterations, prompts per iteration, samples, response length, seed
+(``models.policy``, ``schedule.*``, ``rollout.*``, ``seed``).
 """
 
 from __future__ import annotations
@@ -36,60 +40,50 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, command_line, summary, write_result  # noqa: E402
+from benchmarks.common import bench_config, bench_parser, command_line, figure, summary, write_result  # noqa: E402
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart-cpu.yaml"
 PHASES = ("generate", "label", "pm_update", "policy_update", "idle", "sync", "checkpoint")  # the loop's timers
 TRAIN_PHASES = ("label", "pm_update", "policy_update", "sync")
 ASYNC_TARGET = 1.15
 
 
+# The work, as config values over --config (shared with bench_peer: the same loop on the same work).
+LOOP_DEFAULTS = ("schedule.num_iterations=8", "schedule.num_prompts_per_iteration=8",
+                 "rollout.num_samples_per_prompt=2", "rollout.max_new_tokens=32")
+# One thread layout for both schedules: the smoke starts the roles once.
+LOOP_QUICK = ("schedule.num_iterations=3", "schedule.num_prompts_per_iteration=4", "rollout.max_new_tokens=16",
+              *(f"{role}.resources.num_threads=reserved" for role in ("rollout", "feedback", "learner")))
+# What the measurement fixes: no mid-run checkpoints (the final one comes after the last record), no wandb, no bar.
+LOOP_FIXED = (f"schedule.checkpoint_every={10**6}", "logging.wandb_mode=disabled", "logging.progress=false",
+              "cluster.num_cpus=8")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_loop_args(p)
-    p.add_argument("--reps", type=int, default=3, help="runs of each schedule (alternating)")
-    p.add_argument("--threads", default="auto",
-                   help="num_threads of every role: 'auto' (each schedule its own layout; every run starts its roles) "
-                        "or one layout for both ('reserved', 'node', a number; one set of roles serves every run)")
-    p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON and PNG")
+    p = loop_parser(__doc__)
     args = p.parse_args(argv)
-    if args.quick:  # one layout: the smoke starts the roles once
-        args.reps, args.iterations, args.prompts, args.max_new_tokens, args.threads = 1, 3, 4, 16, "reserved"
-    check_loop_args(args)
+    if args.quick:
+        args.reps = 1
+    check_loop_args(args, loop_config(args))
     return args
 
 
-def add_loop_args(p: argparse.ArgumentParser) -> None:
-    """Options shared with bench_peer (the same loop on the same work)."""
-    p.add_argument("--quick", action="store_true", help="smallest run that exercises the code; numbers not quoted")
-    p.add_argument("--model", default="tiny-random-llama", help="model reference (built-in, folder or hub id)")
-    p.add_argument("--iterations", type=int, default=8, help="loop iterations per run")
-    p.add_argument("--warmup", type=int, default=1, help="first iterations of each run left out")
-    p.add_argument("--prompts", type=int, default=8, help="prompts per iteration")
-    p.add_argument("--samples", type=int, default=2, help="responses per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest response")
-    p.add_argument("--seed", type=int, default=0)
+def loop_parser(doc: str) -> argparse.ArgumentParser:
+    """Arguments shared with bench_peer: the common set, with the warm-up counted in iterations."""
+    return bench_parser(doc, reps=3, warmup=1, warmup_help="first iterations of each run left out")
 
 
-def check_loop_args(args: argparse.Namespace) -> None:
+def check_loop_args(args: argparse.Namespace, cfg: Any) -> None:
     if args.warmup < 1:
         raise SystemExit("--warmup must be >= 1: iteration 0 has no previous record to time it from")
-    if args.iterations < args.warmup + 2:
-        raise SystemExit(f"--iterations ({args.iterations}) must be at least --warmup + 2: the warm-up and the "
-                         "last iteration (end-of-run checkpoint) are not measured")
+    if cfg.schedule.num_iterations < args.warmup + 2:
+        raise SystemExit(f"schedule.num_iterations ({cfg.schedule.num_iterations}) must be at least --warmup + 2: "
+                         "the warm-up and the last iteration (end-of-run checkpoint) are not measured")
 
 
-def loop_config(args: argparse.Namespace, *overrides: str) -> Any:
-    """The quickstart config on this benchmark's work (model, prompts, samples, lengths, iterations)."""
-    from cai_ray.config import load_config
-
-    return load_config(QUICKSTART, [
-        f"models.policy.name={args.model}", f"seed={args.seed}",
-        f"schedule.num_iterations={args.iterations}", f"schedule.num_prompts_per_iteration={args.prompts}",
-        f"rollout.num_samples_per_prompt={args.samples}", f"rollout.max_new_tokens={args.max_new_tokens}",
-        f"schedule.checkpoint_every={10**6}",  # no mid-run checkpoints (the final one comes after the last record)
-        "logging.wandb_mode=disabled", "logging.progress=false", "cluster.num_cpus=8", *overrides,
-    ])
+def loop_config(args: argparse.Namespace, *fixed: str, quick: Sequence[str] = LOOP_QUICK) -> Any:
+    """The loop config of this benchmark's work: ``--config`` with the loop's defaults, ``quick`` sizes, ``--set``,
+    then ``fixed`` (e.g. the schedule compared)."""
+    return bench_config(args, LOOP_DEFAULTS, quick, fixed=(*LOOP_FIXED, *fixed))
 
 
 def run_loop(cfg: Any, *, warmup: int, roles: Any = None) -> dict[str, Any]:
@@ -151,10 +145,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from cai_ray.launcher import init_ray
     from cai_ray.models import resolve_model
 
-    resolve_model(args.model)  # build / convert once, outside any timing
-    layout = [f"{role}.resources.num_threads={args.threads}" for role in ("rollout", "feedback", "learner")
-              if args.threads != "auto"]
-    configs = {mode: loop_config(args, f"schedule.mode={mode}", *layout) for mode in ("sync", "async")}
+    configs = {mode: loop_config(args, f"schedule.mode={mode}") for mode in ("sync", "async")}
+    base = configs["sync"]
+    resolve_model(base.models.policy.name, revision=base.models.policy.revision)  # once, outside any timing
     init_ray(configs["sync"].cluster)
     runs = run_alternating(configs, reps=args.reps, warmup=args.warmup)
 
@@ -163,11 +156,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     generate, train = phases["sync"]["generate"], phases["sync"]["train"]
     async_iter = statistics.median(iteration["async"])
     result: dict[str, Any] = {
-        "settings": {"model": args.model, "algorithm": configs["sync"].learner.algorithm, "reps": args.reps,
-                     "iterations_per_run": args.iterations, "warmup_iterations": args.warmup,
-                     "prompts_per_iteration": args.prompts, "samples_per_prompt": args.samples,
-                     "max_new_tokens": args.max_new_tokens, "seed": args.seed, "base_config": str(QUICKSTART),
-                     "threads_per_actor": configs["sync"].rollout.resources.num_cpus, "threads": args.threads,
+        "settings": {"model": base.models.policy.name, "algorithm": base.learner.algorithm, "reps": args.reps,
+                     "iterations_per_run": base.schedule.num_iterations, "warmup_iterations": args.warmup,
+                     "prompts_per_iteration": base.schedule.num_prompts_per_iteration,
+                     "samples_per_prompt": base.rollout.num_samples_per_prompt,
+                     "max_new_tokens": base.rollout.max_new_tokens, "seed": base.seed, "base_config": args.config,
+                     "threads_per_actor": configs["sync"].rollout.resources.num_cpus,
+                     "threads": base.rollout.resources.num_threads,
                      "config_sync": configs["sync"].model_dump(mode="json")},
         "definitions": {
             "wall_s": "seconds between consecutive metrics records of a run (one whole iteration)",
@@ -201,12 +196,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Stacked median phases per schedule, with the async bound."""
-    import matplotlib
+    with figure(path, figsize=(6, 4.5)) as ax:
+        _plot_phases(ax, result)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+def _plot_phases(ax: Any, result: dict[str, Any]) -> None:
     modes = ["sync", "async"]
     bottom = [0.0, 0.0]
     for phase in [p for p in result["phase_medians_s"]["sync"] if p != "train"]:
@@ -223,9 +217,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"RL-CAI iteration by phase ({s['model']}, {s['prompts_per_iteration']}x{s['samples_per_prompt']} "
                  f"samples, {s['max_new_tokens']} tokens)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ Iteration time: wall seconds between consecutive iterations (cai-ray: metrics re
 with each side's phases (``phase_medians_s``), first ``--warmup`` iterations dropped; whole runs alternate (cai-ray, TRL defaults, TRL no-GC, ...) for
 ``--reps``, with this process at the Ray workers' niceness.
 
-    python -m benchmarks.bench_peer [--quick] [--model tiny-random-llama] [--reps 3] [--iterations 8]
+    python -m benchmarks.bench_peer [--quick] [--reps 3] [--warmup 1] [--set schedule.num_iterations=8]
         [--schedules sync,async] [--trl-variants trl_defaults,trl_no_gradient_checkpointing] [--trl-threads 0]
+
+The work comes from the config, as in bench_loop (``rollout.num_samples_per_prompt`` must stay 2).
 """
 
 from __future__ import annotations
@@ -42,34 +44,42 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_loop import add_loop_args, check_loop_args, loop_config, phase_medians, run_loop  # noqa: E402
-from benchmarks.common import RESULTS_DIR, command_line, match_actor_niceness, summary, write_result  # noqa: E402
+from benchmarks.bench_loop import check_loop_args, loop_config, loop_parser, phase_medians, run_loop  # noqa: E402
+from benchmarks.common import command_line, figure, match_actor_niceness, summary, write_result  # noqa: E402
 
 TRL_VARIANTS = {"trl_defaults": True, "trl_no_gradient_checkpointing": False}  # name -> gradient checkpointing
 
 
+PEER_QUICK = ("schedule.num_iterations=3", "schedule.num_prompts_per_iteration=4", "rollout.max_new_tokens=8")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_loop_args(p)
-    p.add_argument("--reps", type=int, default=3, help="runs of each side (alternating)")
+    p = loop_parser(__doc__)
     p.add_argument("--schedules", default="sync,async", help="cai-ray schedules to run (comma-separated)")
     p.add_argument("--trl-variants", default=",".join(TRL_VARIANTS),
                    help=f"TRL configurations to run (comma-separated, of {', '.join(TRL_VARIANTS)}; empty: none)")
     p.add_argument("--trl-threads", type=int, default=0,
                    help="torch threads of the TRL process (0: torch's default, every core, as a TRL user gets it)")
-    p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON")
     args = p.parse_args(argv)
-    if args.samples != 2:
-        raise SystemExit("--samples must be 2: TRL's online DPO samples exactly 2 responses per prompt")
     if args.quick:
-        args.reps, args.iterations, args.prompts, args.max_new_tokens, args.schedules = 1, 3, 4, 8, "sync"
+        args.reps, args.schedules = 1, "sync"
+    cfg = peer_config(args)
+    if cfg.rollout.num_samples_per_prompt != 2:
+        raise SystemExit("rollout.num_samples_per_prompt must be 2: TRL's online DPO samples exactly 2 responses "
+                         "per prompt")
     unknown = [v for v in _names(args.trl_variants) if v not in TRL_VARIANTS]
     if unknown:
         raise SystemExit(f"--trl-variants: unknown {unknown}; choose from {list(TRL_VARIANTS)}")
     if not _names(args.schedules) and not _names(args.trl_variants):
         raise SystemExit("nothing to run: --schedules and --trl-variants are both empty")
-    check_loop_args(args)
+    check_loop_args(args, cfg)
     return args
+
+
+def peer_config(args: argparse.Namespace, *fixed: str) -> Any:
+    """The loop's config on this comparison's work; DPO as shipped: no preference model in the loop (the
+    quickstart config keeps one as a monitor)."""
+    return loop_config(args, "learner.algorithm=dpo", "schedule.preference_model=auto", *fixed, quick=PEER_QUICK)
 
 
 def _names(text: str) -> list[str]:
@@ -254,12 +264,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from cai_ray.models import resolve_model
     from cai_ray.pipelines.rl_cai import _iteration_prompts, _prompt_pool
 
-    resolve_model(args.model)
     schedules, variants = _names(args.schedules), _names(args.trl_variants)
-    # DPO as shipped: no preference model in the loop (the quickstart config keeps one as a monitor).
-    configs = {s: loop_config(args, f"schedule.mode={s}", "learner.algorithm=dpo", "schedule.preference_model=auto")
-               for s in schedules or ["sync"]}
+    configs = {s: peer_config(args, f"schedule.mode={s}") for s in schedules or ["sync"]}
     base = next(iter(configs.values()))
+    resolve_model(base.models.policy.name, revision=base.models.policy.revision)
     init_ray(base.cluster)
     class Probe:  # an idle actor, only to read the niceness Ray gives its workers (local: pickled by value)
         pass
@@ -268,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     niceness = match_actor_niceness(probe)
     ray.kill(probe)
     pool = _prompt_pool(base)
-    prompts = [_iteration_prompts(base, pool, it) for it in range(args.iterations)]
+    prompts = [_iteration_prompts(base, pool, it) for it in range(base.schedule.num_iterations)]
 
     runs: dict[str, list[dict[str, Any]]] = {f"cai_ray_{s}": [] for s in schedules} | {v: [] for v in variants}
     for rep in range(args.reps):
@@ -288,9 +296,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     iteration = {name: [r["median_iteration_s"] for r in rs] for name, rs in runs.items()}
     result: dict[str, Any] = {
-        "settings": {"model": args.model, "reps": args.reps, "iterations_per_run": args.iterations,
-                     "warmup_iterations": args.warmup, "prompts_per_iteration": args.prompts,
-                     "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+        "settings": {"model": base.models.policy.name, "reps": args.reps,
+                     "iterations_per_run": base.schedule.num_iterations, "warmup_iterations": args.warmup,
+                     "prompts_per_iteration": base.schedule.num_prompts_per_iteration,
+                     "samples_per_prompt": base.rollout.num_samples_per_prompt,
+                     "max_new_tokens": base.rollout.max_new_tokens, "seed": base.seed,
                      "dtype": base.models.policy.dtype, "lr": base.learner.lr, "dpo_beta": base.learner.dpo_beta,
                      "cai_ray_schedules": schedules, "trl_variants": variants, "niceness": niceness,
                      "cai_ray_threads": "rollout/feedback/learner resources.num_threads 'auto' (backend.layout_threads)",
@@ -352,16 +362,15 @@ def _ratios(runs: dict[str, list[dict[str, Any]]], iteration: dict[str, list[flo
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Median iteration time of each side (min-max bars)."""
-    import matplotlib
+    with figure(path, figsize=(7, 4)) as ax:
+        _plot_sides(ax, result)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _plot_sides(ax: Any, result: dict[str, Any]) -> None:
     names = list(result["iteration_s"])
     med = [result["iteration_s"][n]["median"] for n in names]
     lo = [m - result["iteration_s"][n]["min"] for m, n in zip(med, names)]
     hi = [result["iteration_s"][n]["max"] - m for m, n in zip(med, names)]
-    fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(names, med, yerr=[lo, hi], capsize=3,
            color=["tab:blue" if n.startswith("cai_ray") else "tab:orange" for n in names])
     s = result["settings"]
@@ -369,9 +378,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"online DPO with an LLM judge: cai-ray vs TRL {s['trl_version']} ({s['model']}, "
                  f"{s['prompts_per_iteration']}x2 samples, {s['max_new_tokens']} tokens)", fontsize=9)
     ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

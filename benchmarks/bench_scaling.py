@@ -14,6 +14,8 @@ The bound is the hardware, not the topology: with C usable cores no fleet beats 
 the driver and Ray's own processes share the same cores.
 
 Needs its own process (one Ray per process): ``python -m benchmarks.bench_scaling [--quick] [--workers 1,2,4]``.
+The work comes from the config (default the quickstart): model, prompts per repetition
+(``schedule.num_prompts_per_iteration``), samples and length (``rollout.*``), the pool's batch (``feedback.*``).
 """
 
 from __future__ import annotations
@@ -30,27 +32,26 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, command_line, summary, write_result  # noqa: E402
+from benchmarks.common import bench_config, bench_parser, command_line, figure, summary, write_result  # noqa: E402
+
+# The work, as config values over --config (default the quickstart): every actor 1 CPU (1 thread), spread.
+DEFAULTS = ("schedule.num_prompts_per_iteration=32", "rollout.num_samples_per_prompt=4", "rollout.max_new_tokens=32",
+            "rollout.resources.num_cpus=1", "feedback.resources.num_cpus=1", "feedback.batch_size=8",
+            "feedback.max_in_flight_per_worker=2", "feedback.label_mode=multiple_choice", "feedback.swap_debias=true",
+            "cluster.placement_strategy=SPREAD", "cluster.startup_timeout_s=900", "cluster.step_timeout_s=900")
+QUICK = ("schedule.num_prompts_per_iteration=4", "rollout.num_samples_per_prompt=2", "rollout.max_new_tokens=8",
+         "feedback.batch_size=2")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smallest run that exercises the code; numbers not quoted")
-    p.add_argument("--model", default="tiny-random-llama", help="model reference (built-in, folder or hub id)")
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions of every worker count")
+    p = bench_parser(__doc__, reps=3)
     p.add_argument("--workers", default="1,2,4", help="worker counts to measure (comma-separated)")
     p.add_argument("--cpus-per-node", type=int, default=2, help="logical CPUs of each worker raylet")
-    p.add_argument("--prompts", type=int, default=32, help="rollout prompts per repetition")
-    p.add_argument("--samples", type=int, default=4, help="responses per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest response")
     p.add_argument("--pairs", type=int, default=48, help="pairs labelled per repetition")
-    p.add_argument("--batch-size", type=int, default=8, help="feedback pool batch size (pairs per worker call)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON and PNG")
     args = p.parse_args(argv)
     if args.quick:
-        args.reps, args.workers, args.prompts, args.samples, args.max_new_tokens, args.pairs = 1, "1,2", 4, 2, 8, 4
-        args.batch_size = 2
+        args.reps, args.workers, args.pairs = 1, "1,2", 4
+    args.cfg = bench_config(args, DEFAULTS, QUICK)
     args.counts = sorted({int(n) for n in args.workers.split(",")})
     if args.counts[0] < 1:
         raise SystemExit("--workers: counts must be >= 1")
@@ -160,16 +161,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if ray.is_initialized():
         raise SystemExit("bench_scaling starts its own multi-node Ray: run it in a fresh process "
                          "(python -m benchmarks.bench_scaling), not next to another Ray session")
-    from cai_ray.config import (
-        ClusterConfig,
-        ConstitutionConfig,
-        DataConfig,
-        EngineConfig,
-        FeedbackConfig,
-        ModelConfig,
-        ResourcesConfig,
-        RolloutConfig,
-    )
     from cai_ray.data import load_prompts
     from cai_ray.inference.feedback import start_feedback_pool
     from cai_ray.inference.rollout import start_rollout_workers
@@ -177,30 +168,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from cai_ray.models import resolve_model
     from cai_ray.types import Prompt
 
-    resolve_model(args.model)
+    cfg = args.cfg
+    model = cfg.models.policy
+    resolve_model(model.name, revision=model.revision)
     num_nodes = max(args.counts)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 256 << 20})
     for _ in range(num_nodes):
         cluster.add_node(num_cpus=args.cpus_per_node, object_store_memory=256 << 20)
     cluster.wait_for_nodes()
-    cluster_cfg = ClusterConfig(address=cluster.address, placement_strategy="SPREAD", startup_timeout_s=900,
-                                step_timeout_s=900)
+    cluster_cfg = cfg.cluster.model_copy(update={"address": cluster.address})
     init_ray(cluster_cfg)
-    model = ModelConfig(name=args.model, dtype="float32", max_model_len=1024)
-    engine, resources = EngineConfig(kv_cache_memory_mb=64), ResourcesConfig(num_cpus=1)
-    rollout_cfg = RolloutConfig(num_workers=num_nodes, num_samples_per_prompt=args.samples,
-                                max_new_tokens=args.max_new_tokens, engine=engine, resources=resources)
-    feedback_cfg = FeedbackConfig(num_workers=num_nodes, batch_size=args.batch_size, max_in_flight_per_worker=2,
-                                  label_mode="multiple_choice", swap_debias=True, engine=engine, resources=resources)
-    data = DataConfig(max_prompt_tokens=256)
+    # The largest fleets start once; each count uses its first n workers.
+    rollout_cfg = cfg.rollout.model_copy(update={"num_workers": num_nodes})
+    feedback_cfg = cfg.feedback.model_copy(update={"num_workers": num_nodes})
     fleet = pool = None
     try:
-        fleet = start_rollout_workers(model, rollout_cfg, data, cluster_cfg, seed=args.seed)
-        pool = start_feedback_pool(model, feedback_cfg, ConstitutionConfig(path="harmless", num_few_shot=1), data,
-                                   cluster_cfg, seed=args.seed)
+        fleet = start_rollout_workers(model, rollout_cfg, cfg.data, cluster_cfg, seed=cfg.seed)
+        pool = start_feedback_pool(model, feedback_cfg, cfg.constitution, cfg.data, cluster_cfg, seed=cfg.seed)
         placement = {"rollout": [_node_of(w) for w in fleet.workers], "feedback": [_node_of(w) for w in pool.workers]}
         records = load_prompts("redteam_train") + load_prompts("helpful_train")
-        prompts = [Prompt(r.id, r.prompt) for r in records[: args.prompts]]
+        prompts = [Prompt(r.id, r.prompt) for r in records[: cfg.schedule.num_prompts_per_iteration]]
 
         rollout_runs, same_tokens = measure_rollout(fleet.workers, prompts, args.counts, args.reps, cluster_cfg)
         pair_sets = fresh_pairs(fleet.workers[0], records[: args.pairs], args.counts, args.reps, cluster_cfg)
@@ -216,10 +203,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     cores = len(os.sched_getaffinity(0))
     result: dict[str, Any] = {
-        "settings": {"model": args.model, "reps": args.reps, "worker_counts": args.counts,
-                     "prompts_per_rep": args.prompts, "samples_per_prompt": args.samples,
-                     "max_new_tokens": args.max_new_tokens, "pairs_per_rep": args.pairs,
-                     "feedback_batch_size": args.batch_size, "threads_per_actor": 1, "seed": args.seed},
+        "settings": {"model": model.name, "reps": args.reps, "worker_counts": args.counts,
+                     "prompts_per_rep": cfg.schedule.num_prompts_per_iteration,
+                     "samples_per_prompt": rollout_cfg.num_samples_per_prompt,
+                     "max_new_tokens": rollout_cfg.max_new_tokens, "pairs_per_rep": args.pairs,
+                     "feedback_batch_size": feedback_cfg.batch_size,
+                     "threads_per_actor": rollout_cfg.resources.num_cpus, "seed": cfg.seed},
         "topology": {"head_node_cpus": 0, "worker_nodes": num_nodes, "cpus_per_node": args.cpus_per_node,
                      "placement_strategy": cluster_cfg.placement_strategy,
                      "distinct_nodes": {role: len(set(nodes)) for role, nodes in placement.items()},
@@ -246,12 +235,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Throughput vs workers for both roles, with linear scaling and the cores bound."""
-    import matplotlib
+    with figure(path, figsize=(10, 4), ncols=2) as axes:
+        _plot_roles(axes, result)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+def _plot_roles(axes: Any, result: dict[str, Any]) -> None:
     cores = result["bound"]["usable_cores"]
     for ax, role, label in zip(axes, ("rollout", "feedback"), ("generated tokens/s", "labelled pairs/s")):
         pts = result[role]["points"]
@@ -268,9 +256,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(label)
         ax.set_title(f"{role} throughput ({result['topology']['worker_nodes']} raylets on one machine)", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

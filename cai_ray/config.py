@@ -439,6 +439,12 @@ class LoggingConfig(_Strict):
     wandb_mode: Literal["offline", "online", "disabled"] = Field("offline", description="wandb mode.")
     wandb_project: str = Field("cai-ray", description="wandb project name.")
     progress: bool = Field(True, description="Show progress bars for long phases.")
+    verbose: bool = Field(
+        False, description="Show everything on the console (also `--verbose`): Ray's worker output, vLLM, DeepSpeed, "
+        "transformers and wandb logs, one start-up line per actor. Off: actors write to RUN/logs/<actor>.log, "
+        "start-up lines go to RUN/logs/actors.log, and the console keeps progress, phase timings, warnings and "
+        "results.",
+    )
 
 
 class ClusterConfig(_Strict):

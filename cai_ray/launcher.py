@@ -9,6 +9,7 @@ the config key of the deadline it missed, never a hang.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cai_ray import run_logs
 from cai_ray.backend import RoleBackend, decide
 from cai_ray.config import ClusterConfig, Deadline, ResourcesConfig
 
@@ -32,23 +34,30 @@ class RemoteCallError(RuntimeError):
         self.failed = list(failed)  # names of the actors that failed (from get_all)
 
 
-def init_ray(cluster: ClusterConfig) -> None:
+def init_ray(cluster: ClusterConfig, *, log_to_driver: bool | None = None) -> None:
     """Join ``cluster.address`` / ``RAY_ADDRESS`` if given, else start a small local Ray.
 
     No job-level runtime env: Ray merges it into every actor, and what an actor needs depends on its role
     (:func:`spawn` gives each its own). A ``ray job submit`` job keeps its ``working_dir`` untouched.
+    ``log_to_driver``: stream the workers' output to this process; None: unless inside a quiet run
+    (:mod:`cai_ray.run_logs`).
     """
     if ray.is_initialized():
         return
+    if log_to_driver is None:
+        log_to_driver = run_logs.is_verbose()
+    level = logging.INFO if log_to_driver else logging.WARNING  # the driver's "ray" logger
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=level)
         return
     ray.init(
         address="local",  # a private cluster, never a `ray start` one that happens to run on this host
         num_cpus=cluster.num_cpus,
         include_dashboard=False,
         object_store_memory=cluster.object_store_memory_mb << 20,
+        log_to_driver=log_to_driver,
+        logging_level=level,
     )
 
 
@@ -74,18 +83,21 @@ def reserve(bundles: Sequence[dict[str, float]], *, strategy: str, timeout: Dead
 
 
 def spawn(cls: type[T], *args: Any, role: str, resources: ResourcesConfig, pg: PlacementGroup | None = None,
-          bundle_index: int = -1, max_restarts: int = 0, name: str | None = None, **kwargs: Any) -> Any:
+          bundle_index: int = -1, max_restarts: int = 0, name: str | None = None, log_name: str | None = None,
+          **kwargs: Any) -> Any:
     """Start ``cls`` as a Ray actor of ``role`` in bundle ``bundle_index`` of ``pg`` and return its handle.
 
     Its env comes from the role's decision (:func:`cai_ray.backend.decide`); the role's constructor checks
-    what the actor got against the same decision (:func:`cai_ray.backend.enter_role`).
+    what the actor got against the same decision (:func:`cai_ray.backend.enter_role`). ``log_name`` names its
+    output file in a quiet run (:func:`cai_ray.run_logs.capture_actor_output`).
     """
+    env = decide(role, resources).env | ({run_logs.LOG_NAME_ENV: log_name} if log_name else {})
     options: dict[str, Any] = {
         "num_cpus": resources.num_cpus,
         "num_gpus": resources.num_gpus,
         "max_restarts": max_restarts,
         "max_task_retries": 0,  # callers retry explicitly so no item is done twice
-        "runtime_env": {"env_vars": decide(role, resources).env},
+        "runtime_env": {"env_vars": env},
     }
     if name:
         options["name"] = name
@@ -111,7 +123,7 @@ def start_actors(cls: type, *, role: str, resources: ResourcesConfig, cluster: C
         for i in range(len(names)):
             a, kw = args(i)
             actors.append(spawn(cls, *a, **kw, role=role, resources=resources, pg=pg, bundle_index=i,
-                                max_restarts=max_restarts))
+                                max_restarts=max_restarts, log_name=names[i]))
         wait_started(actors, names=names, decision=decide(role, resources), timeout=cluster.startup)
     except BaseException:
         stop_actors(actors, pg)
@@ -129,15 +141,17 @@ def stop_actors(actors: Sequence[Any], pg: PlacementGroup | None) -> None:
 
 def wait_started(actors: Sequence[Any], *, names: Sequence[str], decision: RoleBackend,
                  timeout: Deadline) -> list[dict[str, Any]]:
-    """Wait until every actor's constructor has finished; print where each runs and from which code.
+    """Wait until every actor's constructor has finished; record where each runs and from which code.
 
-    A constructor that raised (a role mismatch, a model that does not load) fails here, naming the actor.
+    One line per actor goes to the run's ``actors.log`` and the console gets one line for the role (every line
+    when verbose or outside a run: :func:`cai_ray.run_logs.report_started`). A constructor that raised (a role
+    mismatch, a model that does not load) fails here, naming the actor.
     """
     reports = get_all([a.__ray_call__.remote(_whereabouts) for a in actors], timeout=timeout, names=names)
-    for name, r in zip(names, reports, strict=True):
-        print(f"{name}: node {r['node_ip']} [{r['node_id'][:8]}] pid {r['pid']}, {decision.device}/"
-              f"{decision.dist_backend}, {r['threads']} threads, GPU ids {r['gpu_ids'] or 'none'}, cai_ray from "
-              f"{r['source']}", flush=True)
+    lines = [f"{name}: node {r['node_ip']} [{r['node_id'][:8]}] pid {r['pid']}, {decision.device}/"
+             f"{decision.dist_backend}, {r['threads']} threads, GPU ids {r['gpu_ids'] or 'none'}, cai_ray from "
+             f"{r['source']}" for name, r in zip(names, reports, strict=True)]
+    run_logs.report_started(decision.role, lines, reports, device=f"{decision.device}/{decision.dist_backend}")
     return reports
 
 
@@ -168,7 +182,8 @@ def get(refs: Any, *, timeout: Deadline, what: str) -> Any:
     except ray.exceptions.GetTimeoutError:
         raise RemoteCallError(f"{what}: no answer within {timeout}") from None
     except ray.exceptions.RayActorError as err:
-        raise RemoteCallError(f"{what}: the actor died ({type(err).__name__}: {_reason(err)})") from err
+        raise RemoteCallError(f"{what}: the actor died ({type(err).__name__}: {_reason(err)}){run_logs.logs_hint()}") \
+            from err
     except ray.exceptions.RayTaskError as err:
         raise RemoteCallError(f"{what}: failed: {err.cause!r}") from err
 
@@ -193,7 +208,7 @@ def get_all(refs: Sequence[Any], *, timeout: Deadline, names: Sequence[str], lef
             errors.append(f"{names[i]}: failed: {type(err.cause).__name__}: {err.cause}")
         except ray.exceptions.RayActorError as err:
             failed.append(i)
-            errors.append(f"{names[i]}: {type(err).__name__}: {_reason(err)}")
+            errors.append(f"{names[i]}: {type(err).__name__}: {_reason(err)}{run_logs.logs_hint()}")
     if errors:
         raise RemoteCallError("; ".join(errors), failed=[names[i] for i in sorted(failed)])
     return results

@@ -39,7 +39,8 @@ class MetricsWriter:
             import wandb
 
             self._wandb = wandb.init(project=cfg.wandb_project, name=run_name, dir=str(run_dir),
-                                     mode=cfg.wandb_mode, config=config_dump, reinit="finish_previous")
+                                     mode=cfg.wandb_mode, config=config_dump, reinit="finish_previous",
+                                     settings=wandb.Settings(silent=not cfg.verbose))
         self._file = self.path.open("a", encoding="utf-8")  # last: nothing to close if wandb.init raised
 
     def log(self, step: int, metrics: Metrics) -> None:

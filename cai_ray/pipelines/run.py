@@ -9,7 +9,9 @@ from pathlib import Path
 from cai_ray.config import ExperimentConfig, dump_config
 from cai_ray.launcher import init_ray
 from cai_ray.models import resolve_model
+from cai_ray.run_logs import run_logging
 
+LOGS_DIR = "logs"  # engine and framework logs of a quiet run, inside the run folder
 SL_DONE = "sl_policy.json"  # marks a finished SL stage so --resume skips it
 
 
@@ -19,16 +21,26 @@ def run_dir_for(cfg: ExperimentConfig) -> Path:
 
 
 def run_experiment(cfg: ExperimentConfig, *, sl: bool, rl: bool, resume: bool = False) -> Path:
-    """Run the stages; returns the run folder. RL after SL starts from (and is anchored to) the SL policy."""
-    from cai_ray.pipelines.checkpoint import has_checkpoint
-    from cai_ray.pipelines.rl_cai import rl_cai
-    from cai_ray.pipelines.sl_cai import sl_cai
+    """Run the stages; returns the run folder. RL after SL starts from (and is anchored to) the SL policy.
 
+    Engine and framework logs go to ``<run folder>/logs`` unless ``logging.verbose`` (:mod:`cai_ray.run_logs`).
+    """
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     resolve_model(cfg.models.policy.name, revision=cfg.models.policy.revision)  # fail fast on a bad reference
-    init_ray(cfg.cluster)
+    with run_logging(run_dir / LOGS_DIR, verbose=cfg.logging.verbose):
+        init_ray(cfg.cluster)
+        _run_stages(cfg, run_dir, sl=sl, rl=rl, resume=resume)
+    print(f"run folder: {run_dir}", flush=True)
+    return run_dir
+
+
+def _run_stages(cfg: ExperimentConfig, run_dir: Path, *, sl: bool, rl: bool, resume: bool) -> None:
+    from cai_ray.pipelines.checkpoint import has_checkpoint
+    from cai_ray.pipelines.rl_cai import rl_cai
+    from cai_ray.pipelines.sl_cai import sl_cai
+
     if sl:
         marker = run_dir / SL_DONE
         if resume and marker.is_file():
@@ -51,5 +63,3 @@ def run_experiment(cfg: ExperimentConfig, *, sl: bool, rl: bool, resume: bool = 
                      ("loss/dpo", "DPO loss"))  # no PM with dpo unless schedule.preference_model=monitor
             print(f"RL-CAI: {len(history)} iterations; last: "
                   + ", ".join(f"{name} {last[key]:.3f}" for key, name in shown if key in last), flush=True)
-    print(f"run folder: {run_dir}", flush=True)
-    return run_dir

@@ -295,7 +295,8 @@ def test_ray_job_submit_runs_the_submitted_code_on_every_node(tmp_path: Path) ->
         out = _submit(address, [sys.executable, "-m", "cai_ray", "run", "--config", "configs/quickstart-cpu.yaml",
                                 "--set", "sl.num_red_team_prompts=2", "--set", "schedule.num_iterations=1",
                                 "--set", "schedule.num_prompts_per_iteration=2", "--set", "logging.wandb_mode=disabled",
-                                "--set", f"logging.output_dir={tmp_path}/runs/{{name}}"], env)
+                                "--set", f"logging.output_dir={tmp_path}/runs/{{name}}",
+                                "--verbose"], env)  # the start-up lines on the console too, not only in RUN/logs
         # Without the token the Jobs API refuses the same cluster.
         anonymous = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
         denied = subprocess.run([RAY, "job", "list", "--address", address], env=anonymous, capture_output=True,
@@ -305,6 +306,8 @@ def test_ray_job_submit_runs_the_submitted_code_on_every_node(tmp_path: Path) ->
     assert (tmp_path / "runs" / "quickstart-cpu" / "metrics.jsonl").is_file()
     started = list(STARTED.finditer(out))
     assert {m["name"] for m in started} >= {"feedback worker 0", "rollout worker 0", "learner rank 0"}
+    logged = (tmp_path / "runs" / "quickstart-cpu" / "logs" / "actors.log").read_text()
+    assert [m.group(0) for m in STARTED.finditer(logged)] == [m.group(0) for m in started]
     assert len({m["node"] for m in started}) == 2  # role actors ran on both nodes ...
     # ... each from the job's unpacked working dir in its own node's temp dir, not from an installed copy.
     assert all("_ray_pkg_" in m["source"] for m in started)
