@@ -132,6 +132,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label(args: argparse.Namespace) -> int:
+    from cai_ray.launcher import init_ray
+    from cai_ray.pipelines.label import SUMMARY_FILE, label_pairs_file
+
+    cfg = load_config(args.config, args.set)
+    init_ray(cfg.cluster)
+    result = label_pairs_file(cfg, args.pairs, args.out)
+    print(f"labels: {len(result.files)} Parquet shards in {args.out}; summary: {Path(args.out) / SUMMARY_FILE}")
+    return 0 if result.num_rows else 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     from cai_ray.demo import run_demo
 
@@ -154,6 +165,14 @@ def _bench(args: argparse.Namespace) -> int:
             argv += [flag, str(value)]
     suite = run_bench(argv, command=shlex.join(["cai-ray", "bench", *argv]))
     return 1 if any(p["status"] == "failed" for p in suite["parts"].values()) else 0
+
+
+def _label_arguments(lab: argparse.ArgumentParser) -> None:
+    lab.add_argument("--pairs", required=True, help=".jsonl / .parquet file or hf:<id>[:split] with columns prompt, "
+                                                    "response_a, response_b (and optionally id)")
+    lab.add_argument("--out", required=True, help="output folder: Parquet shards of labels and labels.json "
+                                                  "(a re-run skips the shards already written)")
+    lab.set_defaults(func=_label)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--preference-model", help="a saved preference-model folder to score responses with")
     ev.add_argument("--out", help="output folder for eval.json / eval.png (default: RUN/eval)")
     ev.set_defaults(func=_eval)
+
+    lab = sub.add_parser("label", help="offline AI preference labels for a file of (prompt, response_a, "
+                                       "response_b) pairs, as a Ray Data batch job")
+    with_config(lab)
+    _label_arguments(lab)
 
     bench = sub.add_parser("bench", help="throughput benchmark suite (JSON + PNG under benchmarks/results/)")
     bench.add_argument("--quick", action="store_true", help="smoke every part with tiny sizes (numbers not quoted)")

@@ -432,6 +432,15 @@ class EvalConfig(_Strict):
     confidence_level: float = Field(0.95, gt=0, lt=1, description="Coverage of the percentile bootstrap intervals.")
 
 
+class BatchConfig(_Strict):
+    """Batch jobs on Ray Data (SL-CAI generation, ``cai-ray label``, eval generation): how work is cut up."""
+
+    num_rows_per_shard: int = Field(
+        64, ge=1, description="Input rows per shard: one engine call of one actor, one Parquet file, and the unit "
+        "a re-run skips when it is already written.",
+    )
+
+
 class LoggingConfig(_Strict):
     """Where metrics and artifacts go."""
 
@@ -508,6 +517,7 @@ class ExperimentConfig(_Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
 
     @model_validator(mode="after")
     def _cross_field(self) -> ExperimentConfig:

@@ -32,7 +32,7 @@ def run_demo(config_path: str | None, overrides: list[str]) -> int:
         phases = " ".join(f"{row.get(f'timing/{p}') or 0.0:>12.2f}s" for p in PHASES)
         print(f"{int(row['iteration']):>4} {phases} {row.get('reward/mean') or 0.0:>8.3f} "
               f"{row.get('pm_fresh/accuracy') or 0.0:>15.3f}")
-    print(f"\nSFT data with whole critique -> revision chains: {run_dir / 'sl' / 'sft_data.jsonl'}")
+    print(f"\nSFT data with whole critique -> revision chains (Parquet shards): {run_dir / 'sl' / 'revisions'}")
     print(f"metrics: {run_dir / 'metrics.jsonl'}; labels: {run_dir / 'labels'}")
     print("The same run on a real chat model (SmolLM2-135M-Instruct, about 7 minutes on 2 cores):\n"
           "  cai-ray run --config configs/smollm2-cpu.yaml")

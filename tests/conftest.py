@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +61,6 @@ def sl_policy(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> str:
     cfg = load_config(QUICKSTART, [f"logging.output_dir={out}/{{name}}", "logging.wandb_mode=disabled",
                                    "cluster.num_cpus=8", "sl.num_red_team_prompts=4"])
     run_dir = run_experiment(cfg, sl=True, rl=False)
-    rows = (run_dir / "sl" / "sft_data.jsonl").read_text().splitlines()
-    assert len(rows) >= 4  # revisions + helpfulness samples
+    summary = json.loads((run_dir / "sl" / "sl_data.json").read_text())
+    assert summary["num_rows"] >= 4  # revisions + helpfulness samples
     return str(run_dir / "sl" / "policy")

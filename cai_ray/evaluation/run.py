@@ -1,7 +1,7 @@
 """The evaluation's order of phases: generate per checkpoint, judge, score with the preference model, report.
 
-Each phase runs in actors started for it and stopped after it (rollout workers per checkpoint, one feedback
-pool, one learner group for the preference model), so the driver loads no model.
+Each phase runs in actors started for it and stopped after it (a Ray Data batch job of rollout engines per
+checkpoint, one feedback pool, one learner group for the preference model), so the driver loads no model.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def evaluate(cfg: ExperimentConfig, checkpoints: dict[str, str], *, out_dir: str
     init_ray(cfg.cluster)
     timer = PhaseTimer()
     with timer.phase("generate"):
-        answers = {name: _generate(cfg, name, model, prompts) for name, model in models.items()}
+        answers = {name: _generate(cfg, name, model, prompts, Path(out_dir)) for name, model in models.items()}
     responses = [r for rs, _ in answers.values() for r in rs]
     with timer.phase("judge"):
         probs, compared = _judge(cfg, responses, {(a, b): pair_up(answers[a][0], answers[b][0]) for a, b in pairs})
@@ -109,27 +109,24 @@ def _checkpoint_model(cfg: ExperimentConfig, ref: str) -> ModelConfig:
     return policy.model_copy(update={"name": ref, "revision": policy.revision if ref == policy.name else None})
 
 
-def _generate(cfg: ExperimentConfig, name: str, model: ModelConfig,
-              prompts: Sequence[EvalPrompt]) -> tuple[list[Response], list[RejectedItem]]:
-    """One response per prompt from ``model`` on its own rollout workers (shut down afterwards), in prompt order."""
-    from cai_ray.inference.rollout import start_rollout_workers
-    from cai_ray.launcher import get_all
+def _generate(cfg: ExperimentConfig, name: str, model: ModelConfig, prompts: Sequence[EvalPrompt],
+              out_dir: Path) -> tuple[list[Response], list[RejectedItem]]:
+    """One response per prompt from ``model``, in prompt order: a Ray Data batch job on ``rollout.num_workers``
+    engines (:mod:`cai_ray.pipelines.batch`), its shards in ``out_dir/generations/<name>`` (a re-run with the same
+    weights and settings reuses them)."""
+    from cai_ray.pipelines.batch import GenerateTask, read_samples, run_batch
 
     rollout = cfg.rollout.model_copy(update={"temperature": cfg.eval.temperature,
                                              "max_new_tokens": cfg.eval.max_new_tokens})
-    fleet = start_rollout_workers(model, rollout, cfg.data, cfg.cluster, seed=cfg.seed)
-    try:
-        n = len(fleet.workers)
-        seed = stable_seed(cfg.seed, "eval")  # the same sampling seeds for every checkpoint
-        inputs = [p.as_prompt() for p in prompts]
-        refs = [w.generate.remote(inputs[i::n], seed=seed, num_samples=1) for i, w in enumerate(fleet.workers)]
-        batches = get_all(refs, timeout=cfg.cluster.step,
-                          names=[f"{name}: rollout worker {i}: generate" for i in range(n)])
-    finally:
-        fleet.shutdown()
-    by_id = {s.prompt_id: s for batch in batches for s in batch.samples}
+    # The same sampling seeds for every checkpoint.
+    task = GenerateTask(model, rollout, cfg.data, stable_seed(cfg.seed, "eval"), source=name)
+    rows = [{"id": p.id, "where": p.id, "prompt": p.text} for p in prompts]
+    result = run_batch(task, rows, out_dir / "generations" / name, num_workers=rollout.num_workers,
+                       num_rows_per_shard=cfg.batch.num_rows_per_shard, progress=cfg.logging.progress,
+                       desc=f"eval generate {name}")
+    by_id = {s.prompt_id: s for s in read_samples(result.files)}
     responses = [Response(name, p, by_id[p.id]) for p in prompts if p.id in by_id]
-    return responses, [r for batch in batches for r in batch.rejected]
+    return responses, [RejectedItem(r["id"], r["reason"]) for r in result.rejected]
 
 
 def _judge(cfg: ExperimentConfig, responses: Sequence[Response], pairs: Pairs) -> tuple[list[float | None], Pairs]:

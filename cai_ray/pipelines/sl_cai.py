@@ -1,75 +1,100 @@
-"""SL-CAI, Bai et al. 2022 §3: critique -> revision -> supervised fine-tuning.
+"""SL-CAI, Bai et al. 2022 §3: critique -> revision -> supervised fine-tuning, as Ray Data batch jobs.
 
 Red-team prompts get an initial response from the feedback model (the policy itself by default: self-
 critique), then ``feedback.num_revision_rounds`` rounds of (critique request, revision request) with one
-principle sampled per round and few-shot transcripts in front. The final revisions, mixed with the
-policy's own responses to helpfulness prompts (``sl.helpful_mix_ratio`` of the rows), form the SFT set,
-saved as JSONL (whole chains, for inspection) and Parquet (Ray Data) before the Ray Train SFT job.
+principle sampled per round and few-shot transcripts in front. This runs as a Ray Data job
+(:mod:`cai_ray.pipelines.batch`) on a pool of ``feedback.num_workers`` engine actors, streaming Parquet
+shards into ``sl/revisions/``; the policy's own responses to helpfulness prompts (``sl.helpful_mix_ratio`` of
+the rows) follow the same way on ``rollout.num_workers`` engines into ``sl/helpful/``. A re-run skips the
+shards already written. Bad input rows (not JSON, no prompt, an over-long prompt) are skipped, reported with
+their file and line, and counted in ``sl/sl_data.json``. The Ray Train SFT job then reads the shards as a Ray
+Dataset.
 Simplification: the helpfulness responses come from the policy, not a separate helpful-only model.
 """
 
 from __future__ import annotations
 
+import json
 import random
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cai_ray.backend import layout_threads
-from cai_ray.config import ExperimentConfig
-from cai_ray.data import read_prompts, write_jsonl
+from cai_ray.config import DatasetConfig, ExperimentConfig
+from cai_ray.data import BadRow, SourceRow, scan_dataset
+from cai_ray.pipelines.batch import BatchResult, GenerateTask, ReviseTask, input_rows, run_batch
 from cai_ray.seeds import stable_seed
-from cai_ray.types import Prompt
+
+SUMMARY_FILE = "sl_data.json"
+SFT_COLUMNS = ("source", "prompt_id", "prompt", "response")  # what the SFT job reads of both kinds of shard
+
+
+@dataclass(frozen=True)
+class SLData:
+    """The SFT rows of an SL-CAI run: revisions of red-team prompts and helpfulness samples, as Parquet shards."""
+
+    revisions: BatchResult
+    helpful: BatchResult | None
+
+    @property
+    def files(self) -> list[str]:
+        """Every Parquet shard of SFT rows."""
+        return self.revisions.files + (self.helpful.files if self.helpful else [])
+
+    @property
+    def num_rows(self) -> int:
+        """SFT rows in all shards."""
+        return self.revisions.num_rows + (self.helpful.num_rows if self.helpful else 0)
 
 
 def sl_cai(cfg: ExperimentConfig, run_dir: Path) -> str:
-    """Run SL-CAI; returns the HF folder of the fine-tuned policy."""
+    """Run SL-CAI; returns the HF folder of the fine-tuned policy. Needs a running Ray."""
     import ray
 
-    from cai_ray.inference.feedback import start_feedback_pool
     from cai_ray.training.sft_job import run_sft
 
     cfg = layout_threads(cfg, "sl")  # its roles run one after another: each may use the whole node
     out = run_dir / "sl"
-    red, helpful = _prompts(cfg)
-    pool = start_feedback_pool(cfg.models.resolved_feedback(), cfg.feedback, cfg.constitution, cfg.data, cfg.cluster,
-                               seed=cfg.seed)
-    try:
-        revised = pool.critique_and_revise(red)
-    finally:
-        pool.shutdown()  # free the engine's memory before training
-    chains = [c for c in revised.chains if c.final_response.strip()]
-    ratio = cfg.sl.helpful_mix_ratio
-    num_helpful = min(len(helpful), round(len(chains) * ratio / (1 - ratio))) if ratio < 1 else len(helpful)
-    rows = [{"source": "revision", "prompt": c.prompt, "response": c.final_response, **asdict(c)} for c in chains]
-    if num_helpful:
-        rows += [{"source": "helpful", "prompt": s.prompt, "response": s.response_text, "prompt_id": s.prompt_id}
-                 for s in _helpful_samples(cfg, helpful[:num_helpful])]
-    if not rows:
-        raise RuntimeError(f"SL-CAI produced no training rows; rejected prompts: {revised.rejected}")
-    write_jsonl(rows, out / "sft_data.jsonl")
-    write_jsonl([asdict(r) for r in revised.rejected], out / "rejected.jsonl")
-    ray.data.from_items([{"prompt": r["prompt"], "response": r["response"], "source": r["source"]} for r in rows]) \
-        .write_parquet(str((out / "sft_data.parquet").resolve()))
-    result = run_sft([(r["prompt"], r["response"]) for r in rows], model=cfg.models.policy, sl=cfg.sl,
-                     learner=cfg.learner, cluster=cfg.cluster, run_dir=str(out), seed=cfg.seed)
+    data = generate_sl_data(cfg, out)
+    dataset = ray.data.read_parquet(data.files, columns=list(SFT_COLUMNS), override_num_blocks=len(data.files))
+    result = run_sft(dataset, model=cfg.models.policy, sl=cfg.sl, learner=cfg.learner, cluster=cfg.cluster,
+                     run_dir=str(out), seed=cfg.seed)
     return result.policy_path
 
 
-def _prompts(cfg: ExperimentConfig) -> tuple[list[Prompt], list[Prompt]]:
-    rng = random.Random(stable_seed(cfg.seed, "sl-prompts"))
-    red, helpful = read_prompts(cfg.data.red_team), read_prompts(cfg.data.helpful)
-    return rng.sample(red, min(cfg.sl.num_red_team_prompts, len(red))), rng.sample(helpful, len(helpful))
+def generate_sl_data(cfg: ExperimentConfig, out: Path) -> SLData:
+    """The revision and helpfulness shards in ``out`` (``revisions/``, ``helpful/``) and ``out/sl_data.json``.
+
+    Raises:
+        RuntimeError: no prompt gave a training row (the summary file says why for each).
+    """
+    red, bad_red = sample_rows(cfg.data.red_team, cfg.sl.num_red_team_prompts, seed=cfg.seed, stream="sl-prompts")
+    revise = ReviseTask(cfg.models.resolved_feedback(), cfg.feedback, cfg.constitution, cfg.data, cfg.seed)
+    revisions = run_batch(revise, input_rows(red), out / "revisions", num_workers=cfg.feedback.num_workers,
+                          num_rows_per_shard=cfg.batch.num_rows_per_shard, bad_rows=bad_red,
+                          progress=cfg.logging.progress, desc="SL-CAI revisions")
+    ratio = cfg.sl.helpful_mix_ratio
+    helpful_rows, bad_helpful = sample_rows(cfg.data.helpful, None, seed=cfg.seed, stream="sl-helpful-prompts")
+    num_helpful = len(helpful_rows) if ratio >= 1 else min(len(helpful_rows),
+                                                            round(revisions.num_rows * ratio / (1 - ratio)))
+    helpful = None
+    if num_helpful:
+        generate = GenerateTask(cfg.models.policy, cfg.rollout, cfg.data, stable_seed(cfg.seed, "sl-helpful"))
+        helpful = run_batch(generate, input_rows(helpful_rows[:num_helpful]), out / "helpful",
+                            num_workers=cfg.rollout.num_workers, num_rows_per_shard=cfg.batch.num_rows_per_shard,
+                            bad_rows=bad_helpful, progress=cfg.logging.progress, desc="SL-CAI helpful samples")
+    data = SLData(revisions, helpful)
+    summary: dict[str, Any] = {"revisions": revisions.summary(), "helpful": helpful.summary() if helpful else None,
+                               "num_rows": data.num_rows}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    if not data.num_rows:
+        raise RuntimeError(f"SL-CAI produced no training rows; every prompt was skipped (see {out / SUMMARY_FILE})")
+    return data
 
 
-def _helpful_samples(cfg: ExperimentConfig, prompts: list[Prompt]) -> list:
-    """The policy's first sample for each helpfulness prompt."""
-    from cai_ray.inference.rollout import start_rollout_workers
-    from cai_ray.launcher import get
-
-    fleet = start_rollout_workers(cfg.models.policy, cfg.rollout, cfg.data, cfg.cluster, seed=cfg.seed)
-    try:
-        batch = get(fleet.workers[0].generate.remote(prompts, seed=stable_seed(cfg.seed, "sl-helpful")),
-                    timeout=cfg.cluster.step, what="rollout worker 0: generate")
-    finally:
-        fleet.shutdown()
-    return [s for s in batch.samples if s.sample_index == 0]
+def sample_rows(ds: DatasetConfig, num: int | None, *, seed: int, stream: str) -> tuple[list[SourceRow], list[BadRow]]:
+    """A seeded random sample of ``num`` usable rows of ``ds`` (all of them, shuffled, when None) and its bad rows."""
+    rows, bad = scan_dataset(ds)
+    rng = random.Random(stable_seed(seed, stream))
+    return rng.sample(rows, len(rows) if num is None else min(num, len(rows))), bad

@@ -1,9 +1,11 @@
 """SL-CAI's supervised stage as one Ray Train ``TorchTrainer`` run (run to completion, not step by step).
 
 Each worker builds the policy with the learner's ``wrap`` (same ZeRO stage, offload and clipping as the
-RL learner) and minimises ``sft_loss`` on the responses. A global batch is ``micro_batch_size`` rows per
-worker; every worker sees the same shuffled order (seed + epoch) and takes its equal-length shard, so
-ZeRO-3's collective forwards stay in step. After each epoch the DeepSpeed state is reported as a Ray
+RL learner) and minimises ``sft_loss`` on the responses. The rows (``prompt``, ``response`` text) come as a
+Ray Dataset (``TorchTrainer(datasets={"train": ...})``; SL-CAI passes its Parquet shards), which Ray Train
+splits into equal-length streams, one per worker (``ray.train.get_dataset_shard``); each worker tokenizes its
+``micro_batch_size``-row batches, shuffled locally with seed + epoch. Equal lengths give every worker the same
+number of steps, so ZeRO-3's collective forwards stay in step. After each epoch the DeepSpeed state is reported as a Ray
 Train checkpoint (merged across workers in ``storage_path``); a retried run (``FailureConfig``) resumes
 from the last one (so does a new run in the same ``run_dir``), loading it weights-only. The last checkpoint also
 holds the HF-format policy, copied to ``<run_dir>/policy``.
@@ -13,20 +15,23 @@ Simplifications: no learning-rate schedule; one checkpoint per epoch.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cai_ray.config import ClusterConfig, LearnerConfig, ModelConfig, SLConfig
 from cai_ray.models import ModelRef
 from cai_ray.types import TrainSequence
 
+if TYPE_CHECKING:
+    import ray.data
+
 HF_DIR = "hf"
 PROGRESS_FILE = "progress.json"
+SHUFFLE_BUFFER_ROWS = 1024  # per worker: the local shuffle of each epoch's stream
 
 
 @dataclass(frozen=True)
@@ -57,14 +62,17 @@ def encode_text_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], *, max_l
     return out
 
 
-def run_sft(data: Sequence[tuple[str, str]] | Sequence[TrainSequence], *, model: ModelConfig, sl: SLConfig,
+def run_sft(data: ray.data.Dataset | Sequence[tuple[str, str]], *, model: ModelConfig, sl: SLConfig,
             learner: LearnerConfig, cluster: ClusterConfig, run_dir: str, seed: int = 0) -> SFTResult:
     """Fine-tune ``model`` on ``data`` with ``sl.num_workers`` Ray Train workers; returns the HF policy folder.
 
-    ``learner`` supplies the engine settings (ZeRO stage, offload, grad clip); ``sl`` the job's own (epochs,
-    lr, micro-batch, workers, retries, and each worker's ``resources``, from which the Ray Train backend
-    (gloo | nccl) and the workers' env follow); ``cluster`` the placement strategy. Needs a running Ray.
+    ``data`` is a Ray Dataset with ``prompt`` and ``response`` columns (read lazily, streamed to the workers), or
+    (prompt, response) pairs. ``learner`` supplies the engine settings (ZeRO stage, offload, grad clip); ``sl``
+    the job's own (epochs, lr, micro-batch, workers, retries, and each worker's ``resources``, from which the Ray
+    Train backend (gloo | nccl) and the workers' env follow); ``cluster`` the placement strategy. Needs a running
+    Ray.
     """
+    import ray.data
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -72,16 +80,18 @@ def run_sft(data: Sequence[tuple[str, str]] | Sequence[TrainSequence], *, model:
     from cai_ray.launcher import bundle
 
     ref = ModelRef.of(model)
-    if data and not isinstance(data[0], TrainSequence):
-        data = encode_text_pairs(ref.tokenizer(), data, max_len=model.max_model_len)  # type: ignore[arg-type]
-    if not data:
-        raise ValueError("run_sft: no training data")
+    dataset = data if isinstance(data, ray.data.Dataset) else ray.data.from_items(
+        [{"prompt": p, "response": r} for p, r in data], override_num_blocks=1)
+    num_rows = dataset.count()
+    if num_rows < sl.num_workers:
+        raise ValueError(f"run_sft: {num_rows} training rows for sl.num_workers={sl.num_workers} workers; every "
+                         "worker needs one, so add rows or lower sl.num_workers")
     backend = decide("sft", sl.resources)
     root = Path(run_dir).resolve()
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"data": list(data), "model_ref": ref, "model": model, "sl": sl, "learner": learner,
-                           "seed": seed},
+        train_loop_config={"model_ref": ref, "model": model, "sl": sl, "learner": learner, "seed": seed},
+        datasets={"train": dataset.select_columns(["prompt", "response"])},
         torch_config=TorchConfig(backend=backend.dist_backend, timeout_s=int(learner.collective_timeout_s)),
         scaling_config=ScalingConfig(num_workers=sl.num_workers, use_gpu=backend.device == "cuda",
                                      resources_per_worker=bundle(sl.resources),
@@ -112,19 +122,15 @@ def _train_loop(config: dict[str, Any]) -> None:
     import datetime
 
     import ray.train
-    import ray.train.torch
     import torch
 
-    from cai_ray.algorithms.sft import sft_loss
     from cai_ray.backend import enter_role
     from cai_ray.training import engine as ds
-    from cai_ray.training.modeling import collate_sequences, shard
 
     sl: SLConfig = config["sl"]
     learner: LearnerConfig = config["learner"]
-    model_cfg: ModelConfig = config["model"]
-    data: list[TrainSequence] = config["data"]
     seed: int = config["seed"]
+    ref: ModelRef = config["model_ref"]
     backend = enter_role("sft", sl.resources, uses_vllm=False)
     import deepspeed
 
@@ -133,16 +139,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(seed)
-    dtype = backend.torch_dtype(model_cfg.dtype)
-    ref: ModelRef = config["model_ref"]
-    module = ref.causal_lm(dtype=dtype)
-    pad_id = int(module.config.pad_token_id if module.config.pad_token_id is not None else 0)
-    engine = ds.wrap(module, config=ds.ds_config(learner, world_size=world, dtype=dtype,
-                                                 micro_batch_size=sl.micro_batch_size),
-                     lr=sl.lr, weight_decay=learner.weight_decay, gradient_checkpointing=learner.gradient_checkpointing)
-    # Ray Train shows a node's workers all of their GPUs and has set each one's own as the current device.
-    device = ray.train.torch.get_device() if backend.device == "cuda" else torch.device("cpu")
-
+    engine, pad_id, device = _engine(config, backend, world)
     start_epoch = 0
     resume = ray.train.get_checkpoint()
     if resume is not None:
@@ -150,20 +147,15 @@ def _train_loop(config: dict[str, Any]) -> None:
             ds.load_checkpoint(engine, folder, tag="state")  # weights-only: nothing is unpickled
             start_epoch = json.loads((Path(folder) / PROGRESS_FILE).read_text())["epoch"] + 1
     torch.manual_seed(seed + 1000 * (rank + 1))
-
-    per_step = sl.micro_batch_size * world
+    rows = ray.train.get_dataset_shard("train")  # this worker's stream; every worker's is equally long
+    tokenizer = ref.tokenizer()
     for epoch in range(start_epoch, sl.num_epochs):
-        order = random.Random(seed + epoch).sample(range(len(data)), len(data))  # same order on every rank
         losses = []
-        for start in range(0, len(order), per_step):
-            mine, num_valid = shard([data[i] for i in order[start : start + per_step]], world)[rank]
-            batch = collate_sequences(mine, pad_id=pad_id, num_valid=num_valid).to(device)
-            logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-            loss, metrics = sft_loss(logits=logits[:, :-1], labels=batch.labels, loss_mask=batch.loss_mask)
-            engine.backward(loss if num_valid else loss * 0.0)
-            engine.step()
-            if num_valid:
-                losses.append(metrics["loss/sft"])
+        for batch in rows.iter_batches(batch_size=sl.micro_batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
+                                       local_shuffle_seed=seed + epoch):
+            seqs = encode_text_pairs(tokenizer, [(str(p), str(r)) for p, r in zip(batch["prompt"], batch["response"])],
+                                     max_len=config["model"].max_model_len)
+            losses.append(_step(engine, seqs, pad_id=pad_id, device=device))
         last = epoch == sl.num_epochs - 1
         with tempfile.TemporaryDirectory() as folder:
             engine.save_checkpoint(folder, tag="state")
@@ -174,3 +166,36 @@ def _train_loop(config: dict[str, Any]) -> None:
             metrics = {"epoch": epoch, "loss/sft": sum(losses) / max(1, len(losses)), "steps": len(losses),
                        "start_epoch": start_epoch}  # > 0: this run resumed from a checkpoint
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _engine(config: dict[str, Any], backend: Any, world: int) -> tuple[Any, int, Any]:
+    """The DeepSpeed-wrapped policy, its pad id and the device batches go to."""
+    import ray.train.torch
+    import torch
+
+    from cai_ray.training import engine as ds
+
+    sl: SLConfig = config["sl"]
+    learner: LearnerConfig = config["learner"]
+    dtype = backend.torch_dtype(config["model"].dtype)
+    module = config["model_ref"].causal_lm(dtype=dtype)
+    pad_id = int(module.config.pad_token_id if module.config.pad_token_id is not None else 0)
+    engine = ds.wrap(module, config=ds.ds_config(learner, world_size=world, dtype=dtype,
+                                                 micro_batch_size=sl.micro_batch_size),
+                     lr=sl.lr, weight_decay=learner.weight_decay, gradient_checkpointing=learner.gradient_checkpointing)
+    # Ray Train shows a node's workers all of their GPUs and has set each one's own as the current device.
+    device = ray.train.torch.get_device() if backend.device == "cuda" else torch.device("cpu")
+    return engine, pad_id, device
+
+
+def _step(engine: Any, seqs: Sequence[TrainSequence], *, pad_id: int, device: Any) -> float:
+    """One optimizer step on one micro-batch; returns its SFT loss."""
+    from cai_ray.algorithms.sft import sft_loss
+    from cai_ray.training.modeling import collate_sequences
+
+    batch = collate_sequences(seqs, pad_id=pad_id).to(device)
+    logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    loss, metrics = sft_loss(logits=logits[:, :-1], labels=batch.labels, loss_mask=batch.loss_mask)
+    engine.backward(loss)
+    engine.step()
+    return float(metrics["loss/sft"])
