@@ -152,6 +152,24 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if any(p["status"] == "failed" for p in suite["parts"].values()) else 0
 
 
+def _serve_policy(args: argparse.Namespace) -> int:
+    from cai_ray.launcher import init_ray
+    from cai_ray.serving.policy import build_policy_app, deploy_policy
+    from cai_ray.serving.service import stop_serve, wait_for_interrupt
+
+    cfg = load_config(args.config, args.set)
+    policy = build_policy_app(cfg, model=args.model, run_dir=args.run_dir)
+    init_ray(cfg.cluster)
+    try:
+        service = deploy_policy(policy, cfg.serve)
+        print(f"serving '{policy.model_id}' at {service.url}/v1 (OpenAI API; "
+              f"{'bearer token required' if service.authenticated else 'no token: loopback only'}); Ctrl-C stops")
+        wait_for_interrupt()
+    finally:
+        stop_serve()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="cai-ray", description="Constitutional AI on Ray, vLLM and DeepSpeed.")
@@ -224,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(jc)
     jc.add_argument("--out", help="JSON output (default: RUN/judge_check.json)")
     jc.set_defaults(func=_judge_check)
+
+    srv = sub.add_parser("serve", help="Ray Serve services (see the serve config section)").add_subparsers(
+        dest="action", required=True)
+    sp = srv.add_parser("policy", help="a policy behind an OpenAI-compatible API (/v1/chat/completions, ...)")
+    with_config(sp, required=False)
+    which = sp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="built-in name, HF folder or hub id")
+    which.add_argument("--run-dir", help="a run folder: serves its latest policy (RL checkpoint, else SL)")
+    sp.set_defaults(func=_serve_policy)
 
     demo = sub.add_parser("demo", help="run the embedded default end to end")
     with_config(demo, required=False)

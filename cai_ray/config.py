@@ -483,6 +483,86 @@ class ClusterConfig(_Strict):
         return Deadline(self.placement_timeout_s, "cluster.placement_timeout_s")
 
 
+# ----------------------------------------------------------------------------------------- serve
+class AutoscalingConfig(_Strict):
+    """Replicas of one Serve deployment (Ray Serve's autoscaler adds them as requests queue up)."""
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept up when idle (0: scale to zero).")
+    max_replicas: int = Field(1, ge=1, description="Most replicas the autoscaler starts.")
+    target_ongoing_requests: float = Field(
+        16.0, gt=0, description="Requests in flight per replica the autoscaler aims for; above it, it adds replicas."
+    )
+
+    @model_validator(mode="after")
+    def _check_range(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class PolicyServiceConfig(_Strict):
+    """``cai-ray serve policy``: the trained policy behind an OpenAI-compatible API (Ray Serve LLM)."""
+
+    model_id: str | None = Field(
+        None, description="The name clients pass as 'model'; None: the built-in or hub name, the folder's name, or "
+        "'<run folder>-rl' / '-sl' for --run-dir.",
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine of each replica.")
+    resources: ResourcesConfig = Field(
+        default_factory=ResourcesConfig, description="What each replica's engine asks Ray for (GPUs: the CUDA build).",
+    )
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replicas of the engine.")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+class ServeConfig(_Strict):
+    """Ray Serve services (``cai-ray serve``): where the HTTP proxy listens and who may call it.
+
+    Serve's HTTP proxy checks no credentials: whoever reaches the port may call every route. So the proxy binds
+    to 127.0.0.1 unless configured otherwise, and any other address requires a bearer token.
+    """
+
+    host: str = Field(
+        "127.0.0.1", description="Address Serve's HTTP proxy binds to. Anything but a loopback address needs "
+        "auth_token_file or auth_token_env.",
+    )
+    port: int = Field(8000, ge=1, le=65535, description="Port of Serve's HTTP proxy.")
+    auth_token_file: str | None = Field(
+        None, description="File holding the bearer token clients must send (Authorization: Bearer <token>); e.g. a "
+        "mounted Kubernetes secret.",
+    )
+    auth_token_env: str | None = Field(
+        None, description="Environment variable holding the bearer token (read by `cai-ray serve` at start).",
+    )
+    require_auth: bool = Field(
+        False, description="Require the token on a loopback address too (other local users share 127.0.0.1).",
+    )
+    policy: PolicyServiceConfig = Field(default_factory=PolicyServiceConfig, description="The policy service.")
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> ServeConfig:
+        if self.auth_token_file and self.auth_token_env:
+            raise ValueError("both auth_token_file and auth_token_env are set; keep one")
+        has_token = bool(self.auth_token_file or self.auth_token_env)
+        if not is_loopback(self.host) and not has_token:
+            raise ValueError(f"host {self.host} accepts connections from other machines, and Serve checks no "
+                             "credentials: set serve.auth_token_file or serve.auth_token_env, or bind to 127.0.0.1")
+        if self.require_auth and not has_token:
+            raise ValueError("require_auth needs serve.auth_token_file or serve.auth_token_env")
+        return self
+
+
 class ExperimentConfig(_Strict):
     """Root of the tree; it only composes the parts."""
 
@@ -501,6 +581,7 @@ class ExperimentConfig(_Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve services (cai-ray serve).")
 
     @model_validator(mode="after")
     def _cross_field(self) -> ExperimentConfig:
