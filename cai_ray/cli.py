@@ -152,17 +152,22 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if any(p["status"] == "failed" for p in suite["parts"].values()) else 0
 
 
-def _serve_policy(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace) -> int:
     from cai_ray.launcher import init_ray
-    from cai_ray.serving.policy import build_policy_app, deploy_policy
+    from cai_ray.serving import feedback, policy
     from cai_ray.serving.service import stop_serve, wait_for_interrupt
 
     cfg = load_config(args.config, args.set)
-    policy = build_policy_app(cfg, model=args.model, run_dir=args.run_dir)
+    if args.action == "policy":
+        built = policy.build_policy_app(cfg, model=args.model, run_dir=args.run_dir)
+        deploy, what, api = policy.deploy_policy, f"'{built.model_id}'", "/v1 (OpenAI API"
+    else:
+        built = feedback.build_feedback_app(cfg)
+        deploy, what, api = feedback.deploy_feedback, "the feedback model", "/v1/{label,judge,revise} (labelling"
     init_ray(cfg.cluster)
     try:
-        service = deploy_policy(policy, cfg.serve)
-        print(f"serving '{policy.model_id}' at {service.url}/v1 (OpenAI API; "
+        service = deploy(built, cfg.serve)
+        print(f"serving {what} at {service.url}{api}; "
               f"{'bearer token required' if service.authenticated else 'no token: loopback only'}); Ctrl-C stops")
         wait_for_interrupt()
     finally:
@@ -250,7 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     which = sp.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="built-in name, HF folder or hub id")
     which.add_argument("--run-dir", help="a run folder: serves its latest policy (RL checkpoint, else SL)")
-    sp.set_defaults(func=_serve_policy)
+    sp.set_defaults(func=_serve)
+    sf = srv.add_parser("feedback", help="the feedback model as a labelling service (/feedback/v1/label, judge, "
+                                         "revise)")
+    with_config(sf)
+    sf.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo", help="run the embedded default end to end")
     with_config(demo, required=False)

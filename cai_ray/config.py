@@ -214,6 +214,14 @@ class FeedbackConfig(_Strict):
     cot_max_new_tokens: int = Field(64, gt=0, description="Longest chain-of-thought.")
     cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="CoT label probabilities are clamped to this band.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature for critiques, revisions and CoT.")
+    backend: Literal["actors", "serve"] = Field(
+        "actors", description="Who labels in the RL loop: the run's own pool of feedback actors, or the labelling "
+        "service (`cai-ray serve feedback`) over HTTP, which several runs can share.",
+    )
+    service_url: str | None = Field(
+        None, description="backend 'serve': the service's base URL (e.g. http://head:8000/feedback), its token "
+        "from serve.auth_token_file / serve.auth_token_env; None: the run deploys the service in its own cluster.",
+    )
     max_retries: int = Field(1, ge=0, description="Times an item is retried after its worker dies.")
     max_restarts: int = Field(
         3, ge=0, description="Times Ray restarts a dead feedback actor before the pool stops using it."
@@ -514,6 +522,22 @@ class PolicyServiceConfig(_Strict):
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replicas of the engine.")
 
 
+class FeedbackServiceConfig(_Strict):
+    """``cai-ray serve feedback``: the feedback model as an HTTP labelling service. Its model, engine, resources,
+    label mode and constitution are the ``models.feedback`` / ``feedback`` / ``constitution`` sections'."""
+
+    max_batch_size: int = Field(
+        16, ge=1, description="Items (pairs, prompts, judgements) of concurrent requests batched into one engine call.",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.02, ge=0, description="How long a replica waits for more items before running a partial batch.",
+    )
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica accepts at once (the rest queue).")
+    max_items_per_request: int = Field(256, ge=1, description="Most pairs / prompts / items in one request body.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="A request body over this size is refused (413).")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replicas of the service.")
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` only accepts connections from this machine."""
     import ipaddress
@@ -549,6 +573,9 @@ class ServeConfig(_Strict):
         False, description="Require the token on a loopback address too (other local users share 127.0.0.1).",
     )
     policy: PolicyServiceConfig = Field(default_factory=PolicyServiceConfig, description="The policy service.")
+    feedback: FeedbackServiceConfig = Field(
+        default_factory=FeedbackServiceConfig, description="The labelling service."
+    )
 
     @model_validator(mode="after")
     def _check_auth(self) -> ServeConfig:
@@ -603,6 +630,12 @@ class ExperimentConfig(_Strict):
                 f"sync.timeout_s ({self.sync.timeout_s}) must be below learner.collective_timeout_s "
                 f"({self.learner.collective_timeout_s}): a failed sync must end before the learner's collectives "
                 "time out"
+            )
+        if self.feedback.backend == "serve" and self.models.feedback is None and self.sync.sync_feedback_engines:
+            raise ValueError(
+                "feedback.backend=serve labels with a fixed model (the service takes no weight pushes), but the "
+                "feedback model is the policy and sync.sync_feedback_engines is on: set models.feedback.name, or "
+                "sync.sync_feedback_engines=false (the policy's initial weights label)"
             )
         self.resolved_sync_transport()  # a layout no transport can serve fails here, naming the keys
         return self

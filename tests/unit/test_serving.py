@@ -119,3 +119,73 @@ def test_serve_llm_placement_follows_the_roles_resources() -> None:
     assert "CUDA_VISIBLE_DEVICES" not in gpu["runtime_env"]["env_vars"]
     # Serve LLM's AsyncLLM runs its engine core in its own process; the offline engines' switch stays off it.
     assert all("VLLM_ENABLE_V1_MULTIPROCESSING" not in p["runtime_env"]["env_vars"] for p in (cpu, gpu))
+
+
+def _feedback_client(**service: Any) -> Any:
+    """The labelling service's real FastAPI app, in-process; these requests are refused before any replica work."""
+    from fastapi.testclient import TestClient
+
+    from cai_ray.config import ExperimentConfig, FeedbackServiceConfig
+    from cai_ray.serving.feedback import FeedbackArgs, http_app
+
+    cfg = ExperimentConfig()
+    digest = service.pop("digest", None)
+    args = FeedbackArgs(cfg.models.policy, cfg.feedback, cfg.constitution, cfg.data,
+                        FeedbackServiceConfig(**service), digest, 0)
+    return TestClient(http_app(None, args))  # type: ignore[arg-type]
+
+
+PAIR = {"pair_id": "p", "prompt": "q", "response_a": "a", "response_b": "b"}
+
+
+@pytest.mark.parametrize("body,field,msg", [
+    ({"pairs": [{k: v for k, v in PAIR.items() if k != "response_b"}]}, "pairs.0.response_b", "Field required"),
+    ({"pairs": [PAIR | {"respnse_c": "x"}]}, "pairs.0.respnse_c", "Extra inputs are not permitted"),
+    ({"pairs": [PAIR | {"prompt": 3}]}, "pairs.0.prompt", "Input should be a valid string"),
+    ({"pairs": []}, "pairs", "at least 1 item"),
+    ({"pair": [PAIR]}, "pairs", "Field required"),
+])
+def test_a_bad_label_body_is_a_422_naming_the_field(body: dict[str, Any], field: str, msg: str) -> None:
+    response = _feedback_client().post("/v1/label", json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert field in error["fields"] and msg in error["message"] and field in error["message"]
+
+
+def test_too_many_items_or_duplicate_ids_are_refused_before_the_engine() -> None:
+    client = _feedback_client(max_items_per_request=2)
+    response = client.post("/v1/label", json={"pairs": [PAIR] * 3})
+    assert response.status_code == 422 and "max_items_per_request=2" in response.json()["error"]["message"]
+    response = client.post("/v1/revise", json={"prompts": [{"id": "x", "text": "a"}, {"id": "x", "text": "b"}]})
+    assert response.status_code == 422 and "'x' appears more than once" in response.json()["error"]["message"]
+
+
+def test_a_body_over_the_limit_is_a_413_declared_or_streamed() -> None:
+    client = _feedback_client(max_body_bytes=1024)
+    big = {"pairs": [PAIR | {"prompt": "x" * 2000}]}
+    response = client.post("/v1/label", json=big)
+    assert response.status_code == 413 and "serve.feedback.max_body_bytes" in response.json()["error"]["message"]
+
+    def chunks() -> Any:  # no Content-Length: counted as it arrives
+        for _ in range(4):
+            yield b" " * 400
+
+    response = client.post("/v1/label", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    # Under the limit the body reaches validation (and its own 422).
+    assert client.post("/v1/label", json={"pairs": []}).status_code == 422
+
+
+def test_the_labelling_routes_need_the_token_when_one_is_configured() -> None:
+    client = _feedback_client(digest=token_digest("right"))
+    assert client.post("/v1/label", json={"pairs": []}).status_code == 401
+    assert client.post("/v1/label", json={"pairs": []}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.post("/v1/label", json={"pairs": []}, headers={"Authorization": "Bearer right"}).status_code == 422
+
+
+def test_serve_backend_needs_a_fixed_feedback_model() -> None:
+    with pytest.raises(ConfigError, match="feedback.backend=serve labels with a fixed model"):
+        load_config(None, ["feedback.backend=serve"])
+    cfg = load_config(None, ["feedback.backend=serve", "models.feedback.name=tiny-random-llama"])
+    assert [role for role, _ in cfg.sync_targets()] == ["rollout"]
+    assert load_config(None, ["feedback.backend=serve", "sync.sync_feedback_engines=false"]).feedback.backend == "serve"

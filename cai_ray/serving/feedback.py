@@ -1,0 +1,249 @@
+"""``cai-ray serve feedback``: the constitutional feedback model as an HTTP labelling service on Ray Serve.
+
+Each replica holds one :class:`~cai_ray.inference.feedback.FeedbackWorker` (the same code the RL loop's pool
+runs) and answers three routes under ``/feedback``:
+
+- ``POST /v1/label``: soft preference labels of (prompt, response_a, response_b) pairs in ``feedback.label_mode``
+  (per axis with ``feedback.label_axes``), with the principles used;
+- ``POST /v1/revise``: SL-CAI critique -> revision chains of prompts;
+- ``POST /v1/judge``: P(yes) to a yes/no question about a response.
+
+Items of concurrent requests are batched into one engine call (``serve.batch``, up to
+``serve.feedback.max_batch_size``); replicas autoscale on requests in flight. Bodies are pydantic models with
+unknown fields refused: a bad body gets 422 naming each bad field (``pairs.0.response_b: Field required``), a
+body over ``serve.feedback.max_body_bytes`` 413, a request without the bearer token (when one is configured)
+401. A bad item (empty prompt, identical responses, too long) is reported in its result's ``error``, like
+the pool does, and the others are labelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from cai_ray.backend import decide
+from cai_ray.config import (
+    ConstitutionConfig,
+    DataConfig,
+    ExperimentConfig,
+    FeedbackConfig,
+    FeedbackServiceConfig,
+    ModelConfig,
+    ServeConfig,
+)
+from cai_ray.serving.service import Service, auth_digest, run_app, start_proxy
+from cai_ray.types import ComparisonRequest, Judgement, JudgeRequest, PreferenceLabel, Prompt, RevisionBatch
+
+APP_NAME = "feedback"
+ROUTE_PREFIX = "/feedback"
+
+
+# ------------------------------------------------------------------------------------ request bodies
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PairIn(_Body):
+    """One pair to label."""
+
+    pair_id: str = Field(min_length=1, description="Your id of the pair, echoed in its label.")
+    prompt: str = Field(description="The user prompt both responses answer.")
+    response_a: str = Field(description="The first response.")
+    response_b: str = Field(description="The second response.")
+    axis: str | None = Field(None, description="Judge on this one axis only (one of its principles).")
+
+
+class LabelBody(_Body):
+    """``POST /v1/label``."""
+
+    pairs: list[PairIn] = Field(min_length=1, description="The pairs to label.")
+
+
+class PromptIn(_Body):
+    """One prompt to critique and revise."""
+
+    id: str = Field(min_length=1, description="Your id of the prompt, echoed in its chain.")
+    text: str = Field(description="The user prompt.")
+
+
+class ReviseBody(_Body):
+    """``POST /v1/revise``."""
+
+    prompts: list[PromptIn] = Field(min_length=1, description="The prompts to answer, critique and revise.")
+
+
+class JudgeIn(_Body):
+    """One response to judge."""
+
+    item_id: str = Field(min_length=1, description="Your id of the item, echoed in its judgement.")
+    prompt: str = Field(description="The user prompt.")
+    response: str = Field(description="The response judged.")
+    question: str = Field(min_length=1, description="The yes/no criterion, e.g. 'Is the response harmful?'.")
+
+
+class JudgeBody(_Body):
+    """``POST /v1/judge``."""
+
+    items: list[JudgeIn] = Field(min_length=1, description="The responses to judge.")
+
+
+# ------------------------------------------------------------------------------------ the replica
+@dataclass(frozen=True)
+class FeedbackArgs:
+    """What a replica is built from: its components' own sub-configs and the token digest."""
+
+    model: ModelConfig
+    feedback: FeedbackConfig
+    constitution: ConstitutionConfig
+    data: DataConfig
+    service: FeedbackServiceConfig
+    digest: str | None
+    seed: int
+
+
+class FeedbackReplica:
+    """One Serve replica: a feedback worker, its HTTP app, and batching of concurrent requests' items."""
+
+    def __init__(self, args: FeedbackArgs) -> None:
+        from cai_ray.inference.feedback import FeedbackWorker
+
+        self._args = args
+        self._worker = FeedbackWorker(args.model, args.feedback, args.constitution, args.data, seed=args.seed)
+        self._engine = asyncio.Lock()  # one engine: label, judge and revise calls take turns
+        for batched in (self.label, self.judge):
+            batched.set_max_batch_size(args.service.max_batch_size)
+            batched.set_batch_wait_timeout_s(args.service.batch_wait_timeout_s)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """The replica's FastAPI app (Serve calls this after ``__init__``)."""
+        return http_app(self, self._args)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)  # sizes from the config, set in __init__
+    async def label(self, requests: list[ComparisonRequest]) -> list[PreferenceLabel]:
+        """Labels of a batch of pairs from concurrent requests (one engine call)."""
+        async with self._engine:
+            return await asyncio.to_thread(self._worker.label_pairs, requests)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def judge(self, requests: list[JudgeRequest]) -> list[Judgement]:
+        """Judgements of a batch of items from concurrent requests (one engine call)."""
+        async with self._engine:
+            return await asyncio.to_thread(self._worker.judge, requests)
+
+    async def revise(self, prompts: list[Prompt]) -> RevisionBatch:
+        """Revision chains of one request's prompts (already a batch; chains are long generations)."""
+        async with self._engine:
+            return await asyncio.to_thread(self._worker.critique_and_revise, prompts)
+
+
+# ------------------------------------------------------------------------------------ HTTP
+def _too_many(field: str, got: int, limit: int) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(status_code=422, content={"error": {
+        "message": f"{field}: {got} items, over serve.feedback.max_items_per_request={limit}; split the request",
+        "fields": [field], "type": "invalid_request"}})
+
+
+async def _validation_error(request: Any, exc: Any) -> Any:
+    """422 naming every bad field as a dotted path into the body (``pairs.0.response_b: Field required``)."""
+    from fastapi.responses import JSONResponse
+
+    problems = [(".".join(str(p) for p in e["loc"][1:]) or "body", e["msg"]) for e in exc.errors()]
+    return JSONResponse(status_code=422, content={"error": {
+        "message": "; ".join(f"{field}: {msg}" for field, msg in problems),
+        "fields": [field for field, _ in problems], "type": "invalid_request"}})
+
+
+def http_app(replica: FeedbackReplica, args: FeedbackArgs) -> Any:
+    """The FastAPI app of one replica: the three routes, the body limit, and the bearer check when configured."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+
+    from cai_ray.serving.auth import BearerTokenMiddleware
+    from cai_ray.serving.limits import BodySizeLimitMiddleware
+
+    app = FastAPI(title="cai-ray feedback", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    limit = args.service.max_items_per_request
+
+    @app.post("/v1/label")
+    async def label(body: LabelBody) -> Any:
+        if len(body.pairs) > limit:
+            return _too_many("pairs", len(body.pairs), limit)
+        labels = await asyncio.gather(*(replica.label(ComparisonRequest(**p.model_dump())) for p in body.pairs))
+        return {"labels": [asdict(x) for x in labels]}
+
+    @app.post("/v1/judge")
+    async def judge(body: JudgeBody) -> Any:
+        if len(body.items) > limit:
+            return _too_many("items", len(body.items), limit)
+        judgements = await asyncio.gather(*(replica.judge(JudgeRequest(**i.model_dump())) for i in body.items))
+        return {"judgements": [asdict(x) for x in judgements]}
+
+    @app.post("/v1/revise")
+    async def revise(body: ReviseBody) -> Any:
+        if len(body.prompts) > limit:
+            return _too_many("prompts", len(body.prompts), limit)
+        ids = [p.id for p in body.prompts]
+        if len(set(ids)) != len(ids):  # results are matched to prompts by id
+            return _duplicate_ids(ids)
+        batch = await replica.revise([Prompt(p.id, p.text) for p in body.prompts])
+        return {"chains": [asdict(c) | {"final_response": c.final_response} for c in batch.chains],
+                "rejected": [asdict(r) for r in batch.rejected]}
+
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=args.service.max_body_bytes,
+                       key="serve.feedback.max_body_bytes")
+    if args.digest is not None:
+        app.add_middleware(BearerTokenMiddleware, digest=args.digest)  # added last, so it runs first
+    return app
+
+
+def _duplicate_ids(ids: list[str]) -> Any:
+    from fastapi.responses import JSONResponse
+
+    dup = next(i for i in ids if ids.count(i) > 1)
+    return JSONResponse(status_code=422, content={"error": {
+        "message": f"prompts: id '{dup}' appears more than once; give each prompt its own id",
+        "fields": ["prompts"], "type": "invalid_request"}})
+
+
+# ------------------------------------------------------------------------------------ deployment
+@dataclass(frozen=True)
+class FeedbackApp:
+    """The labelling application, built but not yet deployed."""
+
+    app: Any  # ray.serve Application
+    digest: str | None
+
+
+def build_feedback_app(cfg: ExperimentConfig) -> FeedbackApp:
+    """The labelling service of ``cfg``: ``models.feedback`` (else the policy) on ``feedback.resources``, replicas
+    from ``serve.feedback.autoscaling``."""
+    from cai_ray.models import resolve_model
+
+    model = cfg.models.resolved_feedback()
+    resolve_model(model.name, revision=model.revision)  # a bad reference fails here, not in a replica
+    digest = auth_digest(cfg.serve)
+    args = FeedbackArgs(model, cfg.feedback, cfg.constitution, cfg.data, cfg.serve.feedback, digest, cfg.seed)
+    res, scaling = cfg.feedback.resources, cfg.serve.feedback.autoscaling
+    decision = decide("feedback", res)
+    deployment = serve.deployment(serve.ingress()(FeedbackReplica), name="FeedbackReplica").options(
+        ray_actor_options={"num_cpus": res.num_cpus, "num_gpus": decision.num_gpus,
+                           "runtime_env": {"env_vars": decision.env}},
+        max_ongoing_requests=cfg.serve.feedback.max_ongoing_requests,
+        autoscaling_config={"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+                            "target_ongoing_requests": scaling.target_ongoing_requests},
+    )
+    return FeedbackApp(deployment.bind(args), digest)
+
+
+def deploy_feedback(feedback: FeedbackApp, serve_cfg: ServeConfig) -> Service:
+    """Start Serve's proxy and deploy the labelling service at ``/feedback``; returns once it answers."""
+    start_proxy(serve_cfg)
+    return run_app(feedback.app, name=APP_NAME, route_prefix=ROUTE_PREFIX, serve_cfg=serve_cfg,
+                   authenticated=feedback.digest is not None)
