@@ -168,7 +168,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         service = deploy(built, cfg.serve)
         print(f"serving {what} at {service.url}{api}; "
-              f"{'bearer token required' if service.authenticated else 'no token: loopback only'}); Ctrl-C stops")
+              f"{'bearer token required' if service.authenticated else 'no token: loopback only'}); Ctrl-C stops",
+              flush=True)
         wait_for_interrupt()
     finally:
         stop_serve()

@@ -19,6 +19,7 @@ the pool does, and the others are labelled.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -141,22 +142,40 @@ class FeedbackReplica:
 
 
 # ------------------------------------------------------------------------------------ HTTP
-def _too_many(field: str, got: int, limit: int) -> Any:
+class _Refused(Exception):
+    """A body that parsed but cannot be served; answered 422 naming ``field``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _invalid(fields: list[str], message: str) -> Any:
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(status_code=422, content={"error": {
-        "message": f"{field}: {got} items, over serve.feedback.max_items_per_request={limit}; split the request",
-        "fields": [field], "type": "invalid_request"}})
+    return JSONResponse(status_code=422, content={"error": {"message": message, "fields": fields,
+                                                            "type": "invalid_request"}})
+
+
+async def _refused(request: Any, exc: _Refused) -> Any:
+    return _invalid([exc.field], f"{exc.field}: {exc}")
 
 
 async def _validation_error(request: Any, exc: Any) -> Any:
     """422 naming every bad field as a dotted path into the body (``pairs.0.response_b: Field required``)."""
-    from fastapi.responses import JSONResponse
-
     problems = [(".".join(str(p) for p in e["loc"][1:]) or "body", e["msg"]) for e in exc.errors()]
-    return JSONResponse(status_code=422, content={"error": {
-        "message": "; ".join(f"{field}: {msg}" for field, msg in problems),
-        "fields": [field for field, _ in problems], "type": "invalid_request"}})
+    return _invalid([field for field, _ in problems], "; ".join(f"{field}: {msg}" for field, msg in problems))
+
+
+def _at_most(items: list[Any], field: str, limit: int) -> None:
+    if len(items) > limit:
+        raise _Refused(field, f"{len(items)} items, over serve.feedback.max_items_per_request={limit}; split the "
+                              "request")
+
+
+async def _each(verb: Callable[[Any], Awaitable[Any]], make: type, items: list[BaseModel]) -> list[dict[str, Any]]:
+    """``verb`` on every item at once, so ``serve.batch`` groups them (with other requests') into engine calls."""
+    return [asdict(x) for x in await asyncio.gather(*(verb(make(**i.model_dump())) for i in items))]
 
 
 def http_app(replica: FeedbackReplica, args: FeedbackArgs) -> Any:
@@ -169,29 +188,26 @@ def http_app(replica: FeedbackReplica, args: FeedbackArgs) -> Any:
 
     app = FastAPI(title="cai-ray feedback", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(_Refused, _refused)
     limit = args.service.max_items_per_request
 
     @app.post("/v1/label")
     async def label(body: LabelBody) -> Any:
-        if len(body.pairs) > limit:
-            return _too_many("pairs", len(body.pairs), limit)
-        labels = await asyncio.gather(*(replica.label(ComparisonRequest(**p.model_dump())) for p in body.pairs))
-        return {"labels": [asdict(x) for x in labels]}
+        _at_most(body.pairs, "pairs", limit)
+        return {"labels": await _each(replica.label, ComparisonRequest, body.pairs)}
 
     @app.post("/v1/judge")
     async def judge(body: JudgeBody) -> Any:
-        if len(body.items) > limit:
-            return _too_many("items", len(body.items), limit)
-        judgements = await asyncio.gather(*(replica.judge(JudgeRequest(**i.model_dump())) for i in body.items))
-        return {"judgements": [asdict(x) for x in judgements]}
+        _at_most(body.items, "items", limit)
+        return {"judgements": await _each(replica.judge, JudgeRequest, body.items)}
 
     @app.post("/v1/revise")
     async def revise(body: ReviseBody) -> Any:
-        if len(body.prompts) > limit:
-            return _too_many("prompts", len(body.prompts), limit)
+        _at_most(body.prompts, "prompts", limit)
         ids = [p.id for p in body.prompts]
-        if len(set(ids)) != len(ids):  # results are matched to prompts by id
-            return _duplicate_ids(ids)
+        dup = next((i for i in ids if ids.count(i) > 1), None)
+        if dup is not None:  # chains are matched to prompts by id
+            raise _Refused("prompts", f"id '{dup}' appears more than once; give each prompt its own id")
         batch = await replica.revise([Prompt(p.id, p.text) for p in body.prompts])
         return {"chains": [asdict(c) | {"final_response": c.final_response} for c in batch.chains],
                 "rejected": [asdict(r) for r in batch.rejected]}
@@ -201,15 +217,6 @@ def http_app(replica: FeedbackReplica, args: FeedbackArgs) -> Any:
     if args.digest is not None:
         app.add_middleware(BearerTokenMiddleware, digest=args.digest)  # added last, so it runs first
     return app
-
-
-def _duplicate_ids(ids: list[str]) -> Any:
-    from fastapi.responses import JSONResponse
-
-    dup = next(i for i in ids if ids.count(i) > 1)
-    return JSONResponse(status_code=422, content={"error": {
-        "message": f"prompts: id '{dup}' appears more than once; give each prompt its own id",
-        "fields": ["prompts"], "type": "invalid_request"}})
 
 
 # ------------------------------------------------------------------------------------ deployment

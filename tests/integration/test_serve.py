@@ -184,3 +184,43 @@ def test_rl_loop_labels_through_the_shared_service(feedback_service: Service, se
         assert m["labels/count"] > 0 and m["iteration/empty"] == 0.0
         assert m["sync/num_engines"] == 1.0  # the rollout engine only: the service is not pushed weights
     assert (run_dir / "judge_check.json").is_file()
+
+
+def test_cli_serves_a_run_folders_policy_until_interrupted(tiny_model_path: str, tmp_path: Path) -> None:
+    """`cai-ray serve policy --run-dir RUN` in its own process and Ray: the run's SL policy answers; SIGINT stops
+    Serve and the command exits 0."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    shutil.copytree(tiny_model_path, tmp_path / "run7" / "sl" / "policy")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "cai_ray.cli", "serve", "policy", "--run-dir", str(tmp_path / "run7"),
+           "--set", f"serve.port={port}", "--set", "models.policy.max_model_len=512", "--set", "cluster.num_cpus=4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def drain() -> None:  # keep reading: Ray's logs would fill the pipe and block the server
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if line.startswith("serving 'run7-sl' at "):
+                ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 420
+        while not ready.wait(1.0):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines[-40:])
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model="run7-sl", messages=MESSAGES, max_tokens=4)
+        assert reply.usage.completion_tokens >= 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
