@@ -115,6 +115,8 @@ class FeedbackReplica:
         self._args = args
         self._worker = FeedbackWorker(args.model, args.feedback, args.constitution, args.data, seed=args.seed)
         self._engine = asyncio.Lock()  # one engine: label, judge and revise calls take turns
+        self.stats = {"engine_calls": dict.fromkeys(("label", "judge", "revise"), 0),
+                      "items": dict.fromkeys(("label", "judge", "revise"), 0)}  # GET /v1/stats
         for batched in (self.label, self.judge):
             batched.set_max_batch_size(args.service.max_batch_size)
             batched.set_batch_wait_timeout_s(args.service.batch_wait_timeout_s)
@@ -126,19 +128,26 @@ class FeedbackReplica:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)  # sizes from the config, set in __init__
     async def label(self, requests: list[ComparisonRequest]) -> list[PreferenceLabel]:
         """Labels of a batch of pairs from concurrent requests (one engine call)."""
+        self._count("label", len(requests))
         async with self._engine:
             return await asyncio.to_thread(self._worker.label_pairs, requests)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def judge(self, requests: list[JudgeRequest]) -> list[Judgement]:
         """Judgements of a batch of items from concurrent requests (one engine call)."""
+        self._count("judge", len(requests))
         async with self._engine:
             return await asyncio.to_thread(self._worker.judge, requests)
 
     async def revise(self, prompts: list[Prompt]) -> RevisionBatch:
         """Revision chains of one request's prompts (already a batch; chains are long generations)."""
+        self._count("revise", len(prompts))
         async with self._engine:
             return await asyncio.to_thread(self._worker.critique_and_revise, prompts)
+
+    def _count(self, verb: str, items: int) -> None:
+        self.stats["engine_calls"][verb] += 1
+        self.stats["items"][verb] += items
 
 
 # ------------------------------------------------------------------------------------ HTTP
@@ -211,6 +220,10 @@ def http_app(replica: FeedbackReplica, args: FeedbackArgs) -> Any:
         batch = await replica.revise([Prompt(p.id, p.text) for p in body.prompts])
         return {"chains": [asdict(c) | {"final_response": c.final_response} for c in batch.chains],
                 "rejected": [asdict(r) for r in batch.rejected]}
+
+    @app.get("/v1/stats")
+    async def stats() -> Any:
+        return replica.stats  # this replica's engine calls and items per verb: how well requests batch
 
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=args.service.max_body_bytes,
                        key="serve.feedback.max_body_bytes")

@@ -52,7 +52,7 @@ def policy_service(serve_overrides: list[str]) -> Service:
 @pytest.fixture(scope="module")
 def feedback_service(serve_overrides: list[str]) -> Service:
     cfg = load_config(None, [*serve_overrides, "serve.feedback.max_body_bytes=65536",
-                             "feedback.critique_max_new_tokens=8", "serve.feedback.batch_wait_timeout_s=0.2"])
+                             "feedback.critique_max_new_tokens=8", "serve.feedback.batch_wait_timeout_s=0.5"])
     return deploy_feedback(build_feedback_app(cfg), cfg.serve)
 
 
@@ -131,15 +131,23 @@ def test_label_route_returns_soft_labels_with_principles_and_item_errors(feedbac
     assert bad["pair_id"] == "same" and bad["error"] and bad["prob_a"] == 0.5  # reported, the rest labelled
 
 
-def test_concurrent_requests_are_all_answered_in_order(feedback_service: Service) -> None:
+def test_concurrent_requests_are_batched_and_answered_in_order(feedback_service: Service) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
+    def calls() -> tuple[int, int]:
+        stats = httpx.get(f"{feedback_service.url}/v1/stats", headers=AUTH, timeout=60).json()
+        return stats["engine_calls"]["label"], stats["items"]["label"]
+
+    before = calls()
     bodies = [{"pairs": [PAIR | {"pair_id": f"c{i}-{j}"} for j in range(2)]} for i in range(4)]
     with ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(lambda b: _post(feedback_service, "label", b), bodies))
     for i, r in enumerate(responses):
         assert r.status_code == 200, r.text
         assert [x["pair_id"] for x in r.json()["labels"]] == [f"c{i}-0", f"c{i}-1"]
+    after = calls()
+    assert after[1] - before[1] == 8  # one replica: every pair went through its engine
+    assert after[0] - before[0] < 4  # fewer engine calls than requests: requests shared batches
 
 
 def test_judge_and_revise_routes(feedback_service: Service) -> None:
