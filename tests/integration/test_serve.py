@@ -192,4 +192,3 @@ def test_rl_loop_labels_through_the_shared_service(feedback_service: Service, se
         assert m["labels/count"] > 0 and m["iteration/empty"] == 0.0
         assert m["sync/num_engines"] == 1.0  # the rollout engine only: the service is not pushed weights
     assert (run_dir / "judge_check.json").is_file()
-
