@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cai_ray.run_logs import LEVEL_ENV, LOG_DIR_ENV, VERBOSE_ENV, capture_actor_output
 
@@ -127,6 +127,32 @@ def resolve_sync_transport(transport: str, *, learner: RoleBackend, engines: Seq
 
 def _keys(roles: Sequence[str]) -> str:
     return ", ".join(f"{r}.resources.num_gpus" for r in roles)
+
+
+# ---------------------------------------------------------------------------------- Ray Serve LLM
+# Serve LLM runs vLLM's AsyncLLM, whose engine core is its own process by design; the in-process switch the
+# offline engines use does not apply there.
+_NOT_FOR_SERVE_LLM = ("VLLM_ENABLE_V1_MULTIPROCESSING",)
+
+
+def serve_llm_placement(decision: RoleBackend, resources: ResourcesConfig, *,
+                        tensor_parallel_size: int) -> dict[str, Any]:
+    """The ``LLMConfig`` fields that say where one Ray Serve LLM replica's engine runs, from its role's decision.
+
+    CPU: ``accelerator_config`` kind 'cpu' (Serve LLM then runs vLLM's ``mp`` executor) and CPU-only bundles;
+    GPU: kind 'gpu' and one bundle of ``num_gpus`` GPUs per tensor-parallel rank. The replica's env is the
+    role's, less what only the offline engines use.
+    """
+    bundle = {"CPU": resources.num_cpus}
+    if decision.device == "cuda":
+        bundle["GPU"] = decision.num_gpus
+    env = {k: v for k, v in decision.env.items() if k not in _NOT_FOR_SERVE_LLM}
+    return {
+        "accelerator_config": {"kind": "gpu" if decision.device == "cuda" else "cpu"},
+        "placement_group_config": {"bundles": [dict(bundle) for _ in range(tensor_parallel_size)],
+                                   "strategy": "PACK"},
+        "runtime_env": {"env_vars": env},
+    }
 
 
 # -------------------------------------------------------------------------------------- threads

@@ -175,6 +175,30 @@ def _label_arguments(lab: argparse.ArgumentParser) -> None:
     lab.set_defaults(func=_label)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from cai_ray.launcher import init_ray
+    from cai_ray.serving import feedback, policy
+    from cai_ray.serving.service import stop_serve, wait_for_interrupt
+
+    cfg = load_config(args.config, args.set)
+    if args.action == "policy":
+        built = policy.build_policy_app(cfg, model=args.model, run_dir=args.run_dir)
+        deploy, what, api = policy.deploy_policy, f"'{built.model_id}'", "/v1 (OpenAI API"
+    else:
+        built = feedback.build_feedback_app(cfg)
+        deploy, what, api = feedback.deploy_feedback, "the feedback model", "/v1/{label,judge,revise} (labelling"
+    init_ray(cfg.cluster)
+    try:
+        service = deploy(built, cfg.serve)
+        print(f"serving {what} at {service.url}{api}; "
+              f"{'bearer token required' if service.authenticated else 'no token: loopback only'}); Ctrl-C stops",
+              flush=True)
+        wait_for_interrupt()
+    finally:
+        stop_serve()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="cai-ray", description="Constitutional AI on Ray, vLLM and DeepSpeed.")
@@ -257,6 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(jc)
     jc.add_argument("--out", help="JSON output (default: RUN/judge_check.json)")
     jc.set_defaults(func=_judge_check)
+
+    srv = sub.add_parser("serve", help="Ray Serve services (see the serve config section)").add_subparsers(
+        dest="action", required=True)
+    sp = srv.add_parser("policy", help="a policy behind an OpenAI-compatible API (/v1/chat/completions, ...)")
+    with_config(sp, required=False)
+    which = sp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="built-in name, HF folder or hub id")
+    which.add_argument("--run-dir", help="a run folder: serves its latest policy (RL checkpoint, else SL)")
+    sp.set_defaults(func=_serve)
+    sf = srv.add_parser("feedback", help="the feedback model as a labelling service (/feedback/v1/label, judge, "
+                                         "revise)")
+    with_config(sf)
+    sf.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo", help="run the embedded default end to end")
     with_config(demo, required=False)

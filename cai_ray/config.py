@@ -215,6 +215,14 @@ class FeedbackConfig(_Strict):
     cot_max_new_tokens: int = Field(64, gt=0, description="Longest chain-of-thought.")
     cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="CoT label probabilities are clamped to this band.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature for critiques, revisions and CoT.")
+    backend: Literal["actors", "serve"] = Field(
+        "actors", description="Who labels in the RL loop: the run's own pool of feedback actors, or the labelling "
+        "service (`cai-ray serve feedback`) over HTTP, which several runs can share.",
+    )
+    service_url: str | None = Field(
+        None, description="backend 'serve': the service's base URL (e.g. http://head:8000/feedback), its token "
+        "from serve.auth_token_file / serve.auth_token_env; None: the run deploys the service in its own cluster.",
+    )
     max_retries: int = Field(1, ge=0, description="Times an item is retried after its worker dies.")
     max_restarts: int = Field(
         3, ge=0, description="Times Ray restarts a dead feedback actor before the pool stops using it."
@@ -499,6 +507,105 @@ class ClusterConfig(_Strict):
         return Deadline(self.placement_timeout_s, "cluster.placement_timeout_s")
 
 
+# ----------------------------------------------------------------------------------------- serve
+class AutoscalingConfig(_Strict):
+    """Replicas of one Serve deployment (Ray Serve's autoscaler adds them as requests queue up)."""
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept up when idle (0: scale to zero).")
+    max_replicas: int = Field(1, ge=1, description="Most replicas the autoscaler starts.")
+    target_ongoing_requests: float = Field(
+        16.0, gt=0, description="Requests in flight per replica the autoscaler aims for; above it, it adds replicas."
+    )
+
+    @model_validator(mode="after")
+    def _check_range(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class PolicyServiceConfig(_Strict):
+    """``cai-ray serve policy``: the trained policy behind an OpenAI-compatible API (Ray Serve LLM)."""
+
+    model_id: str | None = Field(
+        None, description="The name clients pass as 'model'; None: the built-in or hub name, the folder's name, or "
+        "'<run folder>-rl' / '-sl' for --run-dir.",
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine of each replica.")
+    resources: ResourcesConfig = Field(
+        default_factory=ResourcesConfig, description="What each replica's engine asks Ray for (GPUs: the CUDA build).",
+    )
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replicas of the engine.")
+
+
+class FeedbackServiceConfig(_Strict):
+    """``cai-ray serve feedback``: the feedback model as an HTTP labelling service. Its model, engine, resources,
+    label mode and constitution are the ``models.feedback`` / ``feedback`` / ``constitution`` sections'."""
+
+    max_batch_size: int = Field(
+        16, ge=1, description="Items (pairs, prompts, judgements) of concurrent requests batched into one engine call.",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.02, ge=0, description="How long a replica waits for more items before running a partial batch.",
+    )
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica accepts at once (the rest queue).")
+    max_items_per_request: int = Field(256, ge=1, description="Most pairs / prompts / items in one request body.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="A request body over this size is refused (413).")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replicas of the service.")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+class ServeConfig(_Strict):
+    """Ray Serve services (``cai-ray serve``): where the HTTP proxy listens and who may call it.
+
+    Serve's HTTP proxy checks no credentials: whoever reaches the port may call every route. So the proxy binds
+    to 127.0.0.1 unless configured otherwise, and any other address requires a bearer token.
+    """
+
+    host: str = Field(
+        "127.0.0.1", description="Address Serve's HTTP proxy binds to. Anything but a loopback address needs "
+        "auth_token_file or auth_token_env.",
+    )
+    port: int = Field(8000, ge=1, le=65535, description="Port of Serve's HTTP proxy.")
+    auth_token_file: str | None = Field(
+        None, description="File holding the bearer token clients must send (Authorization: Bearer <token>); e.g. a "
+        "mounted Kubernetes secret.",
+    )
+    auth_token_env: str | None = Field(
+        None, description="Environment variable holding the bearer token (read by `cai-ray serve` at start).",
+    )
+    require_auth: bool = Field(
+        False, description="Require the token on a loopback address too (other local users share 127.0.0.1).",
+    )
+    policy: PolicyServiceConfig = Field(default_factory=PolicyServiceConfig, description="The policy service.")
+    feedback: FeedbackServiceConfig = Field(
+        default_factory=FeedbackServiceConfig, description="The labelling service."
+    )
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> ServeConfig:
+        if self.auth_token_file and self.auth_token_env:
+            raise ValueError("both auth_token_file and auth_token_env are set; keep one")
+        has_token = bool(self.auth_token_file or self.auth_token_env)
+        if not is_loopback(self.host) and not has_token:
+            raise ValueError(f"host {self.host} accepts connections from other machines, and Serve checks no "
+                             "credentials: set serve.auth_token_file or serve.auth_token_env, or bind to 127.0.0.1")
+        if self.require_auth and not has_token:
+            raise ValueError("require_auth needs serve.auth_token_file or serve.auth_token_env")
+        return self
+
+
 class ExperimentConfig(_Strict):
     """Root of the tree; it only composes the parts."""
 
@@ -517,7 +624,9 @@ class ExperimentConfig(_Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    batch: BatchConfig = Field(default_factory=BatchConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig,
+                               description="Ray Data batch jobs: SL-CAI generation, cai-ray label, eval generation.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve services (cai-ray serve).")
 
     @model_validator(mode="after")
     def _cross_field(self) -> ExperimentConfig:
@@ -539,6 +648,12 @@ class ExperimentConfig(_Strict):
                 f"sync.timeout_s ({self.sync.timeout_s}) must be below learner.collective_timeout_s "
                 f"({self.learner.collective_timeout_s}): a failed sync must end before the learner's collectives "
                 "time out"
+            )
+        if self.feedback.backend == "serve" and self.models.feedback is None and self.sync.sync_feedback_engines:
+            raise ValueError(
+                "feedback.backend=serve labels with a fixed model (the service takes no weight pushes), but the "
+                "feedback model is the policy and sync.sync_feedback_engines is on: set models.feedback.name, or "
+                "sync.sync_feedback_engines=false (the policy's initial weights label)"
             )
         self.resolved_sync_transport()  # a layout no transport can serve fails here, naming the keys
         return self

@@ -27,7 +27,7 @@ COMPLETE = "COMPLETE"  # written last into the temp folder: only a folder holdin
 # Keys a resumed run may change: they say how long, where and how robustly it runs, not what it learns.
 # Any key ending in "timeout_s" may change too. Everything else must match the checkpoint's config.
 RESUMABLE_KEYS = (
-    "name", "logging", "cluster", "eval", "schedule.num_iterations", "schedule.checkpoint_every",
+    "name", "logging", "cluster", "eval", "serve", "schedule.num_iterations", "schedule.checkpoint_every",
     "schedule.on_empty_iteration", "rollout.max_restarts", "feedback.max_restarts", "feedback.max_retries",
     "sync.transport", "sync.bucket_size_mb", "red_team.max_restarts",
 )

@@ -193,8 +193,7 @@ def start_roles(cfg: ExperimentConfig) -> Roles:
                                    **pm_heads(cfg))),
             "rollout": threads.submit(start_rollout_workers, cfg.models.policy, cfg.rollout, cfg.data, cfg.cluster,
                                       seed=cfg.seed),
-            "feedback": threads.submit(start_feedback_pool, cfg.models.resolved_feedback(), cfg.feedback,
-                                       cfg.constitution, cfg.data, cfg.cluster, seed=cfg.seed),
+            "feedback": _start_feedback(threads, cfg),
         }
         if cfg.red_team.enabled:  # its model: red_team.model, else the policy's initial weights
             futures["red_team"] = threads.submit(start_red_team_workers, cfg.red_team.model or cfg.models.policy,
@@ -208,3 +207,13 @@ def start_roles(cfg: ExperimentConfig) -> Roles:
             raise failed[0][1]
     return Roles(cfg, started["rollout"], started["feedback"], started["learner"], started.get("red_team"),
                  requested=requested)
+
+
+def _start_feedback(threads: Any, cfg: ExperimentConfig) -> Any:
+    """The feedback role's start-up: its own actor pool, or the labelling service (``feedback.backend``)."""
+    if cfg.feedback.backend == "serve":
+        from cai_ray.serving.client import start_feedback_client
+
+        return threads.submit(start_feedback_client, cfg)
+    return threads.submit(start_feedback_pool, cfg.models.resolved_feedback(), cfg.feedback, cfg.constitution,
+                          cfg.data, cfg.cluster, seed=cfg.seed)

@@ -34,3 +34,18 @@ def test_kuberay_manifests_use_auth_options_and_autoscaling(name: str) -> None:
     if doc["kind"] == "RayJob":
         assert doc["spec"]["submissionMode"] == "SidecarMode"  # the submitter reaches the pod's localhost
         assert "python -m cai_ray run" in doc["spec"]["entrypoint"]
+
+
+def test_kuberay_policy_service_binds_wide_only_with_a_mounted_token_and_no_public_address() -> None:
+    job, service, policy = yaml.safe_load_all((CLUSTERS / "kuberay" / "serve-policy.yaml").read_text())
+    entry = job["spec"]["entrypoint"]
+    assert "cai_ray serve policy" in entry and "serve.host=0.0.0.0" in entry
+    token_file = entry.split("serve.auth_token_file=")[1].split()[0]
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]
+    mounts = {m["name"]: m for m in head["template"]["spec"]["containers"][0]["volumeMounts"]}
+    secret = next(v for v in head["template"]["spec"]["volumes"] if "secret" in v)
+    assert token_file.startswith(mounts[secret["name"]]["mountPath"]) and mounts[secret["name"]]["readOnly"]
+    assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert service["spec"]["type"] == "ClusterIP"
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
