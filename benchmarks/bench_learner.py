@@ -1,7 +1,9 @@
-"""Learner throughput: LearnerGroup.sft_step vs a plain DeepSpeed loop on the same model, batch and ZeRO stage.
+"""Learner throughput: LearnerGroup.update vs a plain DeepSpeed loop on the same model, batch and ZeRO stage.
 
-A (cai-ray): the controller calls ``LearnerGroup.sft_step(seqs)`` (Ray fan-out, per-rank sharding,
-collation, micro-batching, the pure ``sft_loss``) and times each call end to end.
+A (cai-ray): the controller calls ``LearnerGroup.update(sft_update, seqs)`` (Ray fan-out of the update
+function, per-rank sharding, collation, ``LearnerWorker.train_step``'s micro-batching, the pure ``sft_loss``)
+and times each call end to end. ``sft_update`` is written here, as any update function would be: the product's
+SFT stage is a Ray Train job of its own, and the RL updates need rewards or labels.
 B (baseline): the same number of ranks as plain Ray actors that only host a hand-written DeepSpeed loop
 (``deepspeed.initialize`` with the same ds_config and a torch AdamW, pre-collated tensors, HF-style
 cross-entropy with ignore_index, ``backward``/``step``), timed inside rank 0 between two barriers.
@@ -57,8 +59,10 @@ class PlainDeepSpeedLoop:
                          master_port=port, timeout_s=self.learner.collective_timeout_s, store=self.store)
         torch.manual_seed(self.seed)
         model = self.model.causal_lm(dtype=torch.float32)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.learner.lr, weight_decay=self.learner.weight_decay)
-        config = ds_config(self.learner, world_size=self.world_size, dtype=torch.float32, micro_batch_size=len(seqs))
+        optim = self.learner.optim
+        optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+        config = ds_config(self.learner.deepspeed, micro_batch_size=len(seqs), grad_clip=optim.grad_clip,
+                           world_size=self.world_size, dtype=torch.float32)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         batch = collate_sequences(seqs, pad_id=0)
         labels = batch.input_ids.clone()
@@ -81,6 +85,21 @@ class PlainDeepSpeedLoop:
             self.engine.step()
         torch.distributed.barrier()
         return time.perf_counter() - start
+
+
+def sft_update(worker: Any, seqs: list[TrainSequence], num_valid: int) -> dict[str, float]:
+    """Runs on every learner rank: one optimizer step of masked-token NLL on the responses."""
+    from cai_ray.algorithms.sft import sft_loss
+
+    batch = worker.sequences(seqs, num_valid)
+
+    def loss_fn(start: int, stop: int) -> tuple[Any, dict[str, float], int]:
+        mb = batch.rows(start, stop).to(worker.device)
+        logits = worker.policy(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+        loss, metrics = sft_loss(logits=logits[:, :-1], labels=mb.labels, loss_mask=mb.loss_mask)
+        return loss, metrics, int(mb.valid.sum())
+
+    return worker.train_step(worker.policy, num_items=batch.num_rows, num_valid=num_valid, loss_fn=loss_fn)
 
 
 def make_batch(num_rows: int, *, vocab: int, prompt_len: tuple[int, int], response_len: tuple[int, int],
@@ -107,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.reps, args.steps, args.warmup, args.rows_per_rank = min(args.reps, 2), 2, 1, 2
 
     import ray
+    from ray import cloudpickle
 
     from cai_ray.models import resolve_model
     from cai_ray.training.group import LearnerGroup
@@ -119,8 +139,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seqs = make_batch(args.rows_per_rank * args.num_ranks, vocab=vocab, prompt_len=lengths[0],
                       response_len=lengths[1], seed=0)
     tokens_per_step = sum(len(s.prompt_token_ids) + len(s.response_token_ids) for s in seqs)
-    learner = LearnerConfig(num_ranks=args.num_ranks, zero_stage=args.zero_stage, micro_batch_size=args.rows_per_rank,
-                            lr=1e-5)
+    learner = LearnerConfig(num_ranks=args.num_ranks, micro_batch_size=args.rows_per_rank,
+                            deepspeed={"zero_stage": args.zero_stage}, optim={"lr": 1e-5})
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the ranks run sft_update without this module
     cluster = ClusterConfig(num_cpus=max(8, 2 * args.num_ranks), step_timeout_s=1800)
     launcher.init_ray(cluster)
 
@@ -140,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def run_learner(steps: int) -> float:
             start = time.perf_counter()
             for _ in range(steps):
-                group.sft_step(seqs)
+                group.update(sft_update, seqs)
             return time.perf_counter() - start
 
         def run_plain(steps: int) -> float:
@@ -163,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ray.kill(p)
 
     result: dict[str, Any] = {
-        "comparison": "LearnerGroup.sft_step vs a plain DeepSpeed loop",
+        "comparison": "LearnerGroup.update (an SFT step) vs a plain DeepSpeed loop",
         "config": {"model": args.model, "model_path": model_path, "zero_stage": args.zero_stage,
                    "num_ranks": args.num_ranks, "rows_per_rank": args.rows_per_rank,
                    "tokens_per_step": tokens_per_step, "steps_per_rep": args.steps, "warmup_steps": args.warmup,

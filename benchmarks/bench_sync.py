@@ -90,15 +90,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model = ModelConfig(name=resolve_model(args.model), dtype="float32", max_model_len=512)
     cluster = ClusterConfig(num_cpus=8, object_store_memory_mb=2048, step_timeout_s=600)
     init_ray(cluster)
-    learner = LearnerGroup(LearnerConfig(num_ranks=2, zero_stage=3, collective_timeout_s=600), ModelsConfig(policy=model),
-                           cluster, seed=0, roles=LearnerRoles(reference=False))
+    learner = LearnerGroup(LearnerConfig(num_ranks=2, deepspeed={"zero_stage": 3}, collective_timeout_s=600),
+                           ModelsConfig(policy=model), cluster, seed=0, roles=LearnerRoles(reference=False))
     fleet = start_rollout_workers(model, RolloutConfig(num_workers=args.engines, resources=ResourcesConfig(num_cpus=1),
                                                        engine=EngineConfig(kv_cache_memory_mb=32, max_num_seqs=4)),
                                   DataConfig(max_prompt_tokens=256), cluster)
     targets = [(f"rollout worker {i}", w) for i, w in enumerate(fleet.workers)]
     transports = args.transports.split(",")
     syncs = {t: WeightSync(SyncConfig(transport=t, bucket_size_mb=args.bucket_mb, timeout_s=300), learner, targets,
-                           transport=t)
+                           transport=t, grace=cluster.control)
              for t in transports}
     runs: dict[str, list[dict[str, float]]] = {t: [] for t in transports} | {"flat_broadcast": []}
     version = 0

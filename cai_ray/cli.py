@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("--config", "-c", required=required, help="experiment YAML (see configs/)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set learner.zero_stage=3 (repeatable)")
+                       help="override a config value, e.g. --set learner.deepspeed.zero_stage=3 (repeatable)")
 
     cfg = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
     show = cfg.add_parser("show", help="print the fully resolved config")

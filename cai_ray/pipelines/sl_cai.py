@@ -51,7 +51,8 @@ def sl_cai(cfg: ExperimentConfig, run_dir: Path) -> str:
     ray.data.from_items([{"prompt": r["prompt"], "response": r["response"], "source": r["source"]} for r in rows]) \
         .write_parquet(str((out / "sft_data.parquet").resolve()))
     result = run_sft([(r["prompt"], r["response"]) for r in rows], model=cfg.models.policy, sl=cfg.sl,
-                     learner=cfg.learner, cluster=cfg.cluster, run_dir=str(out), seed=cfg.seed)
+                     learner=cfg.learner, cluster=cfg.cluster, run_dir=str(out), seed=cfg.seed,
+                     bucket_bytes=cfg.sync.bucket_size_mb << 20)
     return result.policy_path
 
 

@@ -58,12 +58,13 @@ def encode_text_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], *, max_l
 
 
 def run_sft(data: Sequence[tuple[str, str]] | Sequence[TrainSequence], *, model: ModelConfig, sl: SLConfig,
-            learner: LearnerConfig, cluster: ClusterConfig, run_dir: str, seed: int = 0) -> SFTResult:
+            learner: LearnerConfig, cluster: ClusterConfig, run_dir: str, seed: int, bucket_bytes: int) -> SFTResult:
     """Fine-tune ``model`` on ``data`` with ``sl.num_workers`` Ray Train workers; returns the HF policy folder.
 
-    ``learner`` supplies the engine settings (ZeRO stage, offload, grad clip); ``sl`` the job's own (epochs,
-    lr, micro-batch, workers, retries, and each worker's ``resources``, from which the Ray Train backend
-    (gloo | nccl) and the workers' env follow); ``cluster`` the placement strategy. Needs a running Ray.
+    ``learner`` supplies the engine settings (``deepspeed``, ``optim``'s weight decay and grad clip); ``sl`` the
+    job's own (epochs, lr, micro-batch, workers, retries, and each worker's ``resources``, from which the Ray Train
+    backend (gloo | nccl) and the workers' env follow); ``cluster`` the placement strategy; ``bucket_bytes``
+    (``sync.bucket_size_mb``) bounds the ZeRO-3 gathers that write the HF folder. Needs a running Ray.
     """
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -81,7 +82,7 @@ def run_sft(data: Sequence[tuple[str, str]] | Sequence[TrainSequence], *, model:
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"data": list(data), "model_ref": ref, "model": model, "sl": sl, "learner": learner,
-                           "seed": seed},
+                           "seed": seed, "bucket_bytes": bucket_bytes},
         torch_config=TorchConfig(backend=backend.dist_backend, timeout_s=int(learner.collective_timeout_s)),
         scaling_config=ScalingConfig(num_workers=sl.num_workers, use_gpu=backend.device == "cuda",
                                      resources_per_worker=bundle(sl.resources),
@@ -118,7 +119,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     from cai_ray.algorithms.sft import sft_loss
     from cai_ray.backend import enter_role
     from cai_ray.training import engine as ds
-    from cai_ray.training.modeling import collate_sequences, shard
+    from cai_ray.training.modeling import collate_sequences, pad_id, shard
 
     sl: SLConfig = config["sl"]
     learner: LearnerConfig = config["learner"]
@@ -136,10 +137,11 @@ def _train_loop(config: dict[str, Any]) -> None:
     dtype = backend.torch_dtype(model_cfg.dtype)
     ref: ModelRef = config["model_ref"]
     module = ref.causal_lm(dtype=dtype)
-    pad_id = int(module.config.pad_token_id if module.config.pad_token_id is not None else 0)
-    engine = ds.wrap(module, config=ds.ds_config(learner, world_size=world, dtype=dtype,
-                                                 micro_batch_size=sl.micro_batch_size),
-                     lr=sl.lr, weight_decay=learner.weight_decay, gradient_checkpointing=learner.gradient_checkpointing)
+    pad = pad_id(module.config)
+    engine = ds.wrap(module, config=ds.ds_config(learner.deepspeed, micro_batch_size=sl.micro_batch_size,
+                                                 grad_clip=learner.optim.grad_clip, world_size=world, dtype=dtype),
+                     lr=sl.lr, weight_decay=learner.optim.weight_decay,
+                     gradient_checkpointing=learner.deepspeed.gradient_checkpointing)
     # Ray Train shows a node's workers all of their GPUs and has set each one's own as the current device.
     device = ray.train.torch.get_device() if backend.device == "cuda" else torch.device("cpu")
 
@@ -157,7 +159,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         losses = []
         for start in range(0, len(order), per_step):
             mine, num_valid = shard([data[i] for i in order[start : start + per_step]], world)[rank]
-            batch = collate_sequences(mine, pad_id=pad_id, num_valid=num_valid).to(device)
+            batch = collate_sequences(mine, pad_id=pad, num_valid=num_valid).to(device)
             logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
             loss, metrics = sft_loss(logits=logits[:, :-1], labels=batch.labels, loss_mask=batch.loss_mask)
             engine.backward(loss if num_valid else loss * 0.0)
@@ -168,7 +170,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             engine.save_checkpoint(folder, tag="state")
             if last:
-                ds.save_hf(engine.module, str(Path(folder) / HF_DIR), rank=rank, tokenizer_from=ref)
+                ds.save_hf(engine.module, str(Path(folder) / HF_DIR), rank=rank, bucket_bytes=config["bucket_bytes"],
+                           tokenizer_from=ref)
             if rank == 0:
                 (Path(folder) / PROGRESS_FILE).write_text(json.dumps({"epoch": epoch}))
             metrics = {"epoch": epoch, "loss/sft": sum(losses) / max(1, len(losses)), "steps": len(losses),

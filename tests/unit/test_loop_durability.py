@@ -123,11 +123,11 @@ def test_resume_loads_the_state_and_allows_run_length_logging_cluster_and_timeou
 def test_resume_with_a_changed_training_field_names_each_difference(tmp_path: Path) -> None:
     cfg = ExperimentConfig()
     write_atomically(checkpoint_dir(tmp_path), _writer(1, cfg))
-    changed = load_config(None, ["learner.lr=0.5", "rollout.temperature=0.5", "seed=7"])
+    changed = load_config(None, ["learner.optim.lr=0.5", "rollout.temperature=0.5", "seed=7"])
     with pytest.raises(ResumeError) as err:
         load_for_resume(tmp_path, changed.model_dump(mode="json"))
     msg = str(err.value)
-    assert "learner.lr: 1e-05 (checkpoint) != 0.5 (now)" in msg
+    assert "learner.optim.lr: 1e-05 (checkpoint) != 0.5 (now)" in msg
     assert "rollout.temperature: 1.0 (checkpoint) != 0.5 (now)" in msg
     assert "seed: 0 (checkpoint) != 7 (now)" in msg
     assert "config.json" in msg and "schedule.num_iterations" in msg  # where, and what may change
