@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                            ModelsConfig(policy=model), cluster, seed=0, roles=LearnerRoles(reference=False))
     fleet = start_rollout_workers(model, RolloutConfig(num_workers=args.engines, resources=ResourcesConfig(num_cpus=1),
                                                        engine=EngineConfig(kv_cache_memory_mb=32, max_num_seqs=4)),
-                                  DataConfig(max_prompt_tokens=256), cluster)
+                                  DataConfig(max_prompt_tokens=256), cluster, seed=0)
     targets = [(f"rollout worker {i}", w) for i, w in enumerate(fleet.workers)]
     transports = args.transports.split(",")
     syncs = {t: WeightSync(SyncConfig(transport=t, bucket_size_mb=args.bucket_mb, timeout_s=300), learner, targets,

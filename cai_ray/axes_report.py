@@ -87,7 +87,7 @@ def window_report(rows: Sequence[dict[str, float]], *, num_samples: int, seed: i
     return {"num_pairs": len(rows), "axes": axes, "matrix": matrix, "pairs": cells, "trade_offs": trade_offs}
 
 
-def axes_report(run_dir: Path, *, window: int, num_samples: int = 200, seed: int = 0) -> dict[str, Any]:
+def axes_report(run_dir: Path, *, window: int, num_samples: int, seed: int) -> dict[str, Any]:
     """The whole run and each window of ``window`` iterations."""
     if window < 1:
         raise AxesReportError(f"--window must be >= 1, got {window}")

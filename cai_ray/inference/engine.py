@@ -92,7 +92,7 @@ def engine_args(model: ModelConfig, engine: EngineConfig, *, backend: RoleBacken
 class Engine:
     """One vLLM engine in this process, with a weight version."""
 
-    def __init__(self, model: ModelConfig, engine: EngineConfig, *, backend: RoleBackend, seed: int = 0) -> None:
+    def __init__(self, model: ModelConfig, engine: EngineConfig, *, backend: RoleBackend, seed: int) -> None:
         apply_env(backend)  # before vLLM is imported: in-process engine core
         from vllm import LLM
 

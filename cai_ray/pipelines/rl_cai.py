@@ -69,11 +69,10 @@ class EmptyIterationError(RuntimeError):
 def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> list[Metrics]:
     """Run ``cfg.schedule.num_iterations`` RL-CAI iterations; returns each iteration's metrics."""
     pool = _prompt_pool(cfg)
-    num_iterations, overlap, k = cfg.schedule.num_iterations, cfg.schedule.mode == "async", \
-        cfg.rollout.num_samples_per_prompt
+    num_iterations, overlap = cfg.schedule.num_iterations, cfg.schedule.mode == "async"
     state = load_for_resume(run_dir, cfg.model_dump(mode="json")) if resume else LoopState()  # before any start-up
     red_team = RedTeam(cfg.red_team, cfg.data.red_team, run_dir, seed=cfg.seed, first_iteration=state.iteration)
-    update_policy = policy_update(cfg.learner, samples_per_prompt=k)  # the algorithm is chosen here, once
+    update_policy = policy_update(cfg.learner, samples_per_prompt=cfg.rollout.num_samples_per_prompt)  # chosen once
     history: list[Metrics] = []
     with running(cfg, run_dir, state, resume=resume) as (roles, writer, bar):
         pending: PendingRollout | None = None

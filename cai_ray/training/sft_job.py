@@ -108,6 +108,30 @@ def run_sft(data: Sequence[tuple[str, str]] | Sequence[TrainSequence], *, model:
                      metrics={k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)})
 
 
+def _engine(module: Any, sl: SLConfig, learner: LearnerConfig, *, world_size: int) -> Any:
+    """The policy as a DeepSpeed engine: the learner's ``deepspeed`` and ``optim`` settings, the job's lr and batch."""
+    from cai_ray.training import engine as ds
+
+    config = ds.ds_config(learner.deepspeed, micro_batch_size=sl.micro_batch_size, grad_clip=learner.optim.grad_clip,
+                          world_size=world_size, dtype=next(module.parameters()).dtype)
+    return ds.wrap(module, config=config, lr=sl.lr, weight_decay=learner.optim.weight_decay,
+                   gradient_checkpointing=learner.deepspeed.gradient_checkpointing)
+
+
+def _resume(engine: Any) -> int:
+    """The epoch to start from: 0, or the one after Ray Train's last checkpoint, whose states are loaded."""
+    import ray.train
+
+    from cai_ray.training import engine as ds
+
+    resume = ray.train.get_checkpoint()
+    if resume is None:
+        return 0
+    with resume.as_directory() as folder:
+        ds.load_checkpoint(engine, folder, tag="state")  # weights-only: nothing is unpickled
+        return json.loads((Path(folder) / PROGRESS_FILE).read_text())["epoch"] + 1
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker (Ray Train has already formed the torch.distributed group)."""
     import datetime
@@ -134,23 +158,13 @@ def _train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(seed)
-    dtype = backend.torch_dtype(model_cfg.dtype)
     ref: ModelRef = config["model_ref"]
-    module = ref.causal_lm(dtype=dtype)
-    pad = pad_id(module.config)
-    engine = ds.wrap(module, config=ds.ds_config(learner.deepspeed, micro_batch_size=sl.micro_batch_size,
-                                                 grad_clip=learner.optim.grad_clip, world_size=world, dtype=dtype),
-                     lr=sl.lr, weight_decay=learner.optim.weight_decay,
-                     gradient_checkpointing=learner.deepspeed.gradient_checkpointing)
+    engine = _engine(ref.causal_lm(dtype=backend.torch_dtype(model_cfg.dtype)), sl, learner, world_size=world)
+    pad = pad_id(engine.module.config)
     # Ray Train shows a node's workers all of their GPUs and has set each one's own as the current device.
     device = ray.train.torch.get_device() if backend.device == "cuda" else torch.device("cpu")
 
-    start_epoch = 0
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        with resume.as_directory() as folder:
-            ds.load_checkpoint(engine, folder, tag="state")  # weights-only: nothing is unpickled
-            start_epoch = json.loads((Path(folder) / PROGRESS_FILE).read_text())["epoch"] + 1
+    start_epoch = _resume(engine)
     torch.manual_seed(seed + 1000 * (rank + 1))
 
     per_step = sl.micro_batch_size * world

@@ -144,7 +144,7 @@ def learner_and_engine(ray_local: None, tiny_model_path: str) -> Iterator[tuple[
                             deepspeed={"zero_stage": 3, "zero3_param_persistence_threshold": 0}, resources=_gpus(whole))
     group = LearnerGroup(learner, ModelsConfig(policy=model), CLUSTER, seed=0, roles=LearnerRoles(reference=True))
     fleet = start_rollout_workers(model, RolloutConfig(num_workers=1, engine=ENGINE, resources=_gpus(whole)),
-                                  DataConfig(max_prompt_tokens=256), CLUSTER)
+                                  DataConfig(max_prompt_tokens=256), CLUSTER, seed=0)
     yield group, fleet.workers[0], model, whole
     fleet.shutdown()
     group.shutdown()

@@ -135,7 +135,7 @@ HETEROGENEOUS = textwrap.dedent("""
     remove_placement_group(pg)
     try:  # a real GPU role on that raylet must refuse to run rather than fall back to the CPU
         start_rollout_workers(cfg.models.policy, cfg.rollout.model_copy(update={"resources": gpu}), cfg.data,
-                              cfg.cluster).shutdown()
+                              cfg.cluster, seed=cfg.seed).shutdown()
         refused = None
     except Exception as err:
         refused = str(err)

@@ -59,7 +59,7 @@ def setup(ray_local: None, tiny_model_path: str):
                            roles=LearnerRoles(reference=True)),  # the reference: DPO steps change the policy
             threads.submit(start_rollout_workers, model, RolloutConfig(num_workers=2, engine=ENGINE, max_restarts=2,
                                                                        resources=ResourcesConfig(num_cpus=1)),
-                           DataConfig(max_prompt_tokens=256), CLUSTER),
+                           DataConfig(max_prompt_tokens=256), CLUSTER, seed=0),
             threads.submit(start_feedback_pool, model, FeedbackConfig(num_workers=1, engine=ENGINE),
                            ConstitutionConfig(), DataConfig(max_prompt_tokens=256), CLUSTER),
         ]

@@ -82,3 +82,27 @@ def test_preference_accuracy_on_fresh_labels_reports_calibration() -> None:
     assert metrics["pm_fresh/ece"] == pytest.approx(0.2689414, abs=1e-6)
     assert metrics["pm_fresh/brier"] == pytest.approx(0.2689414 ** 2, abs=1e-6)
     assert preference_accuracy([], []) == {}
+
+
+def test_each_policy_update_gets_only_its_own_sub_config() -> None:
+    from cai_ray.training import updates
+
+    learner = LearnerConfig(num_policy_epochs=3, ppo={"kl_coef": 0.2}, dpo={"beta": 0.3}, grpo={"scale_rewards": False})
+    dpo = policy_update(learner.model_copy(update={"algorithm": "dpo"}), samples_per_prompt=2)
+    assert (dpo.fn.func, dpo.fn.keywords, dpo.from_labels) == (updates.dpo, {"cfg": learner.dpo, "num_epochs": 3}, True)
+    ppo = policy_update(learner.model_copy(update={"algorithm": "ppo"}), samples_per_prompt=2)
+    assert (ppo.fn.func, ppo.fn.keywords) == (updates.ppo, {"cfg": learner.ppo, "num_epochs": 3})
+    for name, whole in (("grpo", True), ("rloo", True), ("reinforce_pp", False)):
+        update = policy_update(learner.model_copy(update={"algorithm": name}), samples_per_prompt=4)
+        assert update.fn.func is updates.group and update.fn.keywords["cfg"] is learner.ppo
+        assert (update.whole_groups, update.from_labels, update.samples_per_prompt) == (whole, False, 4)
+    grpo = policy_update(learner.model_copy(update={"algorithm": "grpo"}), samples_per_prompt=2).fn.keywords["estimator"]
+    assert (grpo.func, grpo.keywords) == (updates.grpo, {"scale_rewards": False})  # Dr. GRPO from learner.grpo
+
+
+def test_a_policy_update_refuses_unscored_sequences_before_the_fan_out() -> None:
+    from cai_ray.types import TrainSequence
+
+    unscored = [TrainSequence((1,), (2,), reward=1.0), TrainSequence((1,), (3,))]
+    with pytest.raises(ValueError, match=r"sequences \[1\] have no reward"):
+        _update("ppo", 2).train(None, unscored)  # type: ignore[arg-type] - raises before it touches the learner
