@@ -226,7 +226,7 @@ def ppo(worker: LearnerWorker, seqs: Sequence[TrainSequence], num_valid: int, *,
 # ---------------------------------------------------------------------------------- critic-free
 # An advantage estimator: (rollout, samples per prompt or None (found from the rollout), cfg) ->
 # ([B, T-1] advantages, the reference log-probs of a KL loss term or None).
-Estimator = Callable[[Rollout, "int | None", PPOConfig], tuple[Tensor, "Tensor | None"]]
+Estimator = Callable[[Rollout, int | None, PPOConfig], tuple[Tensor, Tensor | None]]
 
 
 def group(worker: LearnerWorker, seqs: Sequence[TrainSequence], num_valid: int, *, cfg: PPOConfig,
