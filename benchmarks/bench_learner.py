@@ -1,14 +1,16 @@
-"""Learner throughput: LearnerGroup.sft_step vs a plain DeepSpeed loop on the same model, batch and ZeRO stage.
+"""Learner throughput: LearnerGroup.update vs a plain DeepSpeed loop on the same model, batch and ZeRO stage.
 
-A (cai-ray): the controller calls ``LearnerGroup.sft_step(seqs)`` (Ray fan-out, per-rank sharding,
-collation, micro-batching, the pure ``sft_loss``) and times each call end to end.
+A (cai-ray): the controller calls ``LearnerGroup.update(sft_update, seqs)`` (Ray fan-out of the update
+function, per-rank sharding, collation, ``LearnerWorker.train_step``'s micro-batching, the pure ``sft_loss``)
+and times each call end to end. ``sft_update`` is written here, as any update function would be: the product's
+SFT stage is a Ray Train job of its own, and the RL updates need rewards or labels.
 B (baseline): the same number of ranks as plain Ray actors that only host a hand-written DeepSpeed loop
 (``deepspeed.initialize`` with the same ds_config and a torch AdamW, pre-collated tensors, HF-style
 cross-entropy with ignore_index, ``backward``/``step``), timed inside rank 0 between two barriers.
 Both see the same rows per rank and count real (non-pad) tokens. After a warm-up, A and B alternate
 (A B A B ...) and the JSON reports every repetition, min/median/max and the median ratio A/B.
 
-    python -m benchmarks.bench_learner [--quick] [--reps 7] [--steps 10] [--warmup 5] [--set learner.zero_stage=3]
+    python -m benchmarks.bench_learner [--quick] [--reps 7] [--steps 10] [--warmup 5] [--set learner.deepspeed.zero_stage=3]
 
 The work comes from the config (default the quickstart): the model (``models.policy``), ranks, ZeRO stage, rows
 per rank (``learner.micro_batch_size``) and learning rate (``learner.*``).
@@ -60,8 +62,10 @@ class PlainDeepSpeedLoop:
                          master_port=port, timeout_s=self.learner.collective_timeout_s, store=self.store)
         torch.manual_seed(self.seed)
         model = self.model.causal_lm(dtype=torch.float32)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.learner.lr, weight_decay=self.learner.weight_decay)
-        config = ds_config(self.learner, world_size=self.world_size, dtype=torch.float32, micro_batch_size=len(seqs))
+        optim = self.learner.optim
+        optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+        config = ds_config(self.learner.deepspeed, micro_batch_size=len(seqs), grad_clip=optim.grad_clip,
+                           world_size=self.world_size, dtype=torch.float32)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         batch = collate_sequences(seqs, pad_id=0)
         labels = batch.input_ids.clone()
@@ -86,6 +90,21 @@ class PlainDeepSpeedLoop:
         return time.perf_counter() - start
 
 
+def sft_update(worker: Any, seqs: list[TrainSequence], num_valid: int) -> dict[str, float]:
+    """Runs on every learner rank: one optimizer step of masked-token NLL on the responses."""
+    from cai_ray.algorithms.sft import sft_loss
+
+    batch = worker.sequences(seqs, num_valid)
+
+    def loss_fn(start: int, stop: int) -> tuple[Any, dict[str, float], int]:
+        mb = batch.rows(start, stop).to(worker.device)
+        logits = worker.policy(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+        loss, metrics = sft_loss(logits=logits[:, :-1], labels=mb.labels, loss_mask=mb.loss_mask)
+        return loss, metrics, int(mb.valid.sum())
+
+    return worker.train_step(worker.policy, num_items=batch.num_rows, num_valid=num_valid, loss_fn=loss_fn)
+
+
 def make_batch(num_rows: int, *, vocab: int, prompt_len: tuple[int, int], response_len: tuple[int, int],
                seed: int) -> list[TrainSequence]:
     rng = random.Random(seed)
@@ -95,7 +114,8 @@ def make_batch(num_rows: int, *, vocab: int, prompt_len: tuple[int, int], respon
 
 
 # The work, as config values over --config (default the quickstart); rows per rank = learner.micro_batch_size.
-DEFAULTS = ("learner.num_ranks=2", "learner.zero_stage=2", "learner.micro_batch_size=8", "learner.lr=1e-5",
+DEFAULTS = ("learner.num_ranks=2", "learner.deepspeed.zero_stage=2", "learner.micro_batch_size=8",
+            "learner.optim.lr=1e-5",
             "cluster.step_timeout_s=1800")
 QUICK = ("learner.micro_batch_size=2",)
 
@@ -115,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     learner, rows_per_rank = args.cfg.learner, args.cfg.learner.micro_batch_size
 
     import ray
+    from ray import cloudpickle
 
     from cai_ray.models import resolve_model
     from cai_ray.training.group import LearnerGroup
@@ -128,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seqs = make_batch(rows_per_rank * learner.num_ranks, vocab=vocab, prompt_len=lengths[0],
                       response_len=lengths[1], seed=0)
     tokens_per_step = sum(len(s.prompt_token_ids) + len(s.response_token_ids) for s in seqs)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the ranks run sft_update without this module
     cluster = args.cfg.cluster  # both sides' ranks at once
     cluster = cluster.model_copy(update={"num_cpus": max(cluster.num_cpus or 0, 2 * learner.num_ranks)})
     launcher.init_ray(cluster)
@@ -148,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def run_learner(steps: int) -> float:
             start = time.perf_counter()
             for _ in range(steps):
-                group.sft_step(seqs)
+                group.update(sft_update, seqs)
             return time.perf_counter() - start
 
         def run_plain(steps: int) -> float:
@@ -171,8 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ray.kill(p)
 
     result: dict[str, Any] = {
-        "comparison": "LearnerGroup.sft_step vs a plain DeepSpeed loop",
-        "config": {"model": policy.name, "model_path": model_path, "zero_stage": learner.zero_stage,
+        "comparison": "LearnerGroup.update (an SFT step) vs a plain DeepSpeed loop",
+        "config": {"model": policy.name, "model_path": model_path, "zero_stage": learner.deepspeed.zero_stage,
                    "num_ranks": learner.num_ranks, "rows_per_rank": rows_per_rank,
                    "tokens_per_step": tokens_per_step, "steps_per_rep": args.steps, "warmup_steps": args.warmup,
                    "reps": args.reps, "dtype": "float32", "threads_per_rank": learner.resources.num_cpus},
@@ -182,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio": summary([r["ratio"] for r in reps]),
         "median_ratio": statistics.median(r["ratio"] for r in reps),
     }
-    path = write_result(f"learner-zero{learner.zero_stage}", result, quick=args.quick, out_dir=Path(args.out),
+    path = write_result(f"learner-zero{learner.deepspeed.zero_stage}", result, quick=args.quick, out_dir=Path(args.out),
                         command=command_line("benchmarks.bench_learner", argv))
     result["json"] = str(path)
     print(f"median ratio learner/plain = {result['median_ratio']:.3f}  ->  {path}")

@@ -225,8 +225,8 @@ def run_trl(cfg: Any, prompts_per_iteration: list[list[Any]], *, gradient_checkp
         learner = cfg.learner
         config = OnlineDPOConfig(
             output_dir=tmp, per_device_train_batch_size=len(prompts_per_iteration[0]), gradient_accumulation_steps=1,
-            max_steps=len(prompts_per_iteration), learning_rate=learner.lr, beta=learner.dpo_beta,
-            max_grad_norm=learner.grad_clip, weight_decay=learner.weight_decay,
+            max_steps=len(prompts_per_iteration), learning_rate=learner.optim.lr, beta=learner.dpo.beta,
+            max_grad_norm=learner.optim.grad_clip, weight_decay=learner.optim.weight_decay,
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
             max_length=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
             gradient_checkpointing=gradient_checkpointing, bf16=False, fp16=False, use_cpu=True, seed=cfg.seed,
@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "prompts_per_iteration": base.schedule.num_prompts_per_iteration,
                      "samples_per_prompt": base.rollout.num_samples_per_prompt,
                      "max_new_tokens": base.rollout.max_new_tokens, "seed": base.seed,
-                     "dtype": base.models.policy.dtype, "lr": base.learner.lr, "dpo_beta": base.learner.dpo_beta,
+                     "dtype": base.models.policy.dtype, "lr": base.learner.optim.lr, "dpo_beta": base.learner.dpo.beta,
                      "cai_ray_schedules": schedules, "trl_variants": variants, "niceness": niceness,
                      "cai_ray_threads": "rollout/feedback/learner resources.num_threads 'auto' (backend.layout_threads)",
                      "cai_ray_preference_model": base.schedule.preference_model,

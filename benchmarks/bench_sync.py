@@ -14,7 +14,7 @@ The default model is SmolLM2-135M (134.5M params, 538 MB in fp32), the "~100M-pa
 
 The work comes from the config (default the quickstart, with the model below): the model (``models.policy``),
 the engines (``rollout.num_workers``, ``rollout.engine``), the learner (``learner.num_ranks``,
-``learner.zero_stage``), the bucket size and deadline (``sync.*``).
+``learner.deepspeed.zero_stage``), the bucket size and deadline (``sync.*``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from benchmarks.common import bench_config, bench_parser, command_line, figure, 
 DEFAULTS = ("models.policy.name=smollm2-135m-instruct", "models.policy.dtype=float32",
             "models.policy.max_model_len=512", "rollout.num_workers=2", "rollout.resources.num_cpus=1",
             "rollout.engine.kv_cache_memory_mb=32", "rollout.engine.max_num_seqs=4", "learner.num_ranks=2",
-            "learner.zero_stage=3", "learner.collective_timeout_s=600", "sync.bucket_size_mb=256", "sync.timeout_s=300",
+            "learner.deepspeed.zero_stage=3", "learner.collective_timeout_s=600", "sync.bucket_size_mb=256", "sync.timeout_s=300",
             "cluster.num_cpus=8", "cluster.object_store_memory_mb=2048", "cluster.step_timeout_s=600")
 QUICK = ("models.policy.name=tiny-random-llama", "rollout.num_workers=1")
 
@@ -93,10 +93,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     init_ray(cluster)
     learner = LearnerGroup(cfg.learner, cfg.models.model_copy(update={"policy": model}), cluster, seed=cfg.seed,
                            roles=LearnerRoles(reference=False))
-    fleet = start_rollout_workers(model, cfg.rollout, cfg.data, cluster)
+    fleet = start_rollout_workers(model, cfg.rollout, cfg.data, cluster, seed=cfg.seed)
     targets = [(f"rollout worker {i}", w) for i, w in enumerate(fleet.workers)]
     transports = args.transports.split(",")
-    syncs = {t: WeightSync(cfg.sync.model_copy(update={"transport": t}), learner, targets, transport=t)
+    syncs = {t: WeightSync(cfg.sync.model_copy(update={"transport": t}), learner, targets, transport=t,
+                           grace=cluster.control)
              for t in transports}
     runs: dict[str, list[dict[str, float]]] = {t: [] for t in transports} | {"flat_broadcast": []}
     version = 0

@@ -67,8 +67,6 @@ def actor_env(device: Device) -> dict[str, str]:
         # Engine in the actor process: faster start, no leaked /dev/shm segments, in-process tensors.
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "TOKENIZERS_PARALLELISM": "false",
-        # Zero-copy torch tensors through the object store (the object-store sync transport).
-        "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
         # Explicit, so DeepSpeed never picks an accelerator by probing the node.
         "DS_ACCELERATOR": device,
     }

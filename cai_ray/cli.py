@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("--config", "-c", required=required, help="experiment YAML (see configs/)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set learner.zero_stage=3 (repeatable)")
+                       help="override a config value, e.g. --set learner.deepspeed.zero_stage=3 (repeatable)")
         p.add_argument("--verbose", "-v", action="store_true",
                        help="show every engine and framework log on the console (--set logging.verbose=true); "
                             "default: they go to RUN/logs/")

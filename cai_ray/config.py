@@ -119,10 +119,14 @@ class DatasetConfig(_Strict):
 class DataConfig(_Strict):
     """Prompt sets and prompt-length policy."""
 
-    red_team: DatasetConfig = Field(default_factory=lambda: DatasetConfig(path="redteam_train"))
-    helpful: DatasetConfig = Field(default_factory=lambda: DatasetConfig(path="helpful_train"))
-    red_team_eval: DatasetConfig = Field(default_factory=lambda: DatasetConfig(path="redteam_eval"))
-    helpful_eval: DatasetConfig = Field(default_factory=lambda: DatasetConfig(path="helpful_eval"))
+    red_team: DatasetConfig = Field(default_factory=lambda: DatasetConfig(path="redteam_train"),
+                                    description="Red-team prompts for SL-CAI and the RL loop.")
+    helpful: DatasetConfig = Field(default_factory=lambda: DatasetConfig(path="helpful_train"),
+                                   description="Helpfulness prompts mixed into SL-CAI and the RL loop.")
+    red_team_eval: DatasetConfig = Field(default_factory=lambda: DatasetConfig(path="redteam_eval"),
+                                         description="Held-out red-team prompts for cai-ray eval.")
+    helpful_eval: DatasetConfig = Field(default_factory=lambda: DatasetConfig(path="helpful_eval"),
+                                        description="Held-out helpfulness prompts for cai-ray eval.")
     max_prompt_tokens: int = Field(256, gt=0, description="Longest prompt (after the chat template) in tokens.")
     overlong_prompt: Literal["truncate", "reject"] = Field(
         "reject", description="What to do with a longer prompt: keep its last tokens, or reject it by id."
@@ -173,8 +177,8 @@ class RolloutConfig(_Strict):
     )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_restarts: int = Field(3, ge=0, description="Times Ray restarts a dead rollout actor (its batch is retried once).")
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments of these engines.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="What each actor asks Ray for.")
 
 
 class AggregationConfig(_Strict):
@@ -227,8 +231,8 @@ class FeedbackConfig(_Strict):
     max_restarts: int = Field(
         3, ge=0, description="Times Ray restarts a dead feedback actor before the pool stops using it."
     )
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments of these engines.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="What each actor asks Ray for.")
 
     @model_validator(mode="after")
     def _check_clamp(self) -> FeedbackConfig:
@@ -242,45 +246,99 @@ class FeedbackConfig(_Strict):
         return self
 
 
-class LearnerConfig(_Strict):
-    """The DeepSpeed learner group: one Ray actor per rank."""
+class DeepSpeedConfig(_Strict):
+    """How DeepSpeed wraps each trainable learner model (``cai_ray.training.engine.ds_config``)."""
 
-    num_ranks: int = Field(1, ge=1, description="Data-parallel ranks (one actor each).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="Keep optimizer state on CPU (ZeRO-Offload).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
-    algorithm: Literal["dpo", "ppo", "grpo", "rloo", "reinforce_pp"] = Field(
-        "dpo", description="Policy update: online DPO from labels, PPO with PM reward, or critic-free estimators."
+    zero3_param_persistence_threshold: int = Field(
+        100_000, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every rank (0: shard all)."
     )
-    micro_batch_size: int = Field(4, ge=1, description="Sequences per rank per forward.")
+
+
+class OptimConfig(_Strict):
+    """AdamW for the learner's trainable models."""
+
     lr: float = Field(1e-5, gt=0, description="Policy learning rate.")
     pm_lr: float = Field(1e-5, gt=0, description="Preference-model learning rate.")
     critic_lr: float = Field(1e-5, gt=0, description="PPO critic learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+
+
+class PPOConfig(_Strict):
+    """The clipped policy objective and the KL to the reference: PPO, and the critic-free estimators."""
+
+    kl_coef: float = Field(0.05, ge=0, description="KL-to-reference penalty coefficient (PPO / critic-free).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1", description="Per-token KL estimator in the KL-penalised reward (PPO, REINFORCE++): k1 = logp - ref "
+        "(unbiased), k2 = (logp - ref)^2 / 2 (biased, >= 0), k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased, "
+        ">= 0). GRPO / RLOO's KL loss term is always k3."
+    )
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip.")
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="Upper PPO ratio clip ('clip-higher'); None uses clip_eps."
+    )
+    value_clip_eps: float = Field(0.2, gt=0, description="PPO value clip.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount (PPO's GAE, REINFORCE++ returns).")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+
+
+class DPOConfig(_Strict):
+    """Online DPO from the soft labels."""
+
+    beta: float = Field(0.1, gt=0, description="DPO inverse temperature.")
+    label_smoothing: float = Field(0.0, ge=0, le=0.5, description="Conservative DPO: mix targets toward 0.5.")
+
+
+class GRPOConfig(_Strict):
+    """GRPO's group baseline."""
+
+    scale_rewards: bool = Field(
+        True, description="GRPO: divide by the group std; False is Dr. GRPO (mean-centering only)."
+    )
+
+
+# Flat learner keys that moved into a sub-section: an old config naming one is told where it went.
+MOVED_LEARNER_KEYS: dict[str, str] = {
+    **{key: f"deepspeed.{key}" for key in DeepSpeedConfig.model_fields},
+    **{key: f"optim.{key}" for key in OptimConfig.model_fields},
+    **{key: f"ppo.{key}" for key in PPOConfig.model_fields},
+    "dpo_beta": "dpo.beta", "dpo_label_smoothing": "dpo.label_smoothing", "grpo_scale_rewards": "grpo.scale_rewards",
+}
+
+
+class LearnerConfig(_Strict):
+    """The DeepSpeed learner group: one Ray actor per rank."""
+
+    num_ranks: int = Field(1, ge=1, description="Data-parallel ranks (one actor each).")
+    algorithm: Literal["dpo", "ppo", "grpo", "rloo", "reinforce_pp"] = Field(
+        "dpo", description="Policy update: online DPO from labels, PPO with PM reward, or critic-free estimators."
+    )
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per rank per forward.")
     num_pm_epochs: int = Field(1, ge=1, description="Passes over fresh + replayed labels per iteration.")
     num_policy_epochs: int = Field(
         1, ge=1, description="Passes over the iteration's rollouts (or labelled pairs, DPO): one optimizer step each."
     )
-    kl_coef: float = Field(0.05, ge=0, description="KL-to-reference penalty coefficient (PPO / critic-free).")
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator.")
-    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip.")
-    value_clip_eps: float = Field(0.2, gt=0, description="PPO value clip.")
-    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
-    gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    dpo_beta: float = Field(0.1, gt=0, description="DPO inverse temperature.")
     collective_timeout_s: float = Field(300.0, gt=0, description="torch.distributed timeout for the group.")
-    zero3_param_persistence_threshold: int = Field(
-        100_000, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every rank (0: shard all)."
-    )
-    clip_eps_high: float | None = Field(
-        None, gt=0, description="Upper PPO ratio clip ('clip-higher'); None uses clip_eps."
-    )
-    dpo_label_smoothing: float = Field(0.0, ge=0, le=0.5, description="Conservative DPO: mix targets toward 0.5.")
-    grpo_scale_rewards: bool = Field(
-        True, description="GRPO: divide by the group std; False is Dr. GRPO (mean-centering only)."
-    )
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="ZeRO stage, offload, "
+                                       "activation checkpointing.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Learning rates, weight decay, grad clip.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="Clipped objective and KL (PPO, GRPO, RLOO, "
+                           "REINFORCE++).")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Online DPO's beta and label smoothing.")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO's group-std scaling.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="What each rank asks Ray for.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        moved = [key for key in MOVED_LEARNER_KEYS if isinstance(data, dict) and key in data]
+        if moved:
+            raise ValueError("; ".join(f"learner.{key} moved to learner.{MOVED_LEARNER_KEYS[key]}" for key in moved)
+                             + " (set it there)")
+        return data
 
 
 class SyncConfig(_Strict):
@@ -290,7 +348,9 @@ class SyncConfig(_Strict):
         "auto", description="'auto': nccl when the learner and every synced engine hold whole GPUs, gloo when all "
         "run on CPU or share GPUs; a CPU/GPU mix must name gloo or object_store."
     )
-    bucket_size_mb: int = Field(256, gt=0, description="Flat bucket size for streamed tensors.")
+    bucket_size_mb: int = Field(
+        256, gt=0, description="Bucket size for streamed tensors, and for the ZeRO-3 gathers that write a learner's "
+        "HF folders (checkpoints, the SFT result).")
     timeout_s: float = Field(120.0, gt=0, description="Deadline for one whole sync.")
     sync_feedback_engines: bool = Field(
         True, description="Also push into feedback engines when the feedback model is the policy."
@@ -365,8 +425,8 @@ class RedTeamConfig(_Strict):
         "examples reaches this is a copy and is filtered before judging."
     )
     max_restarts: int = Field(3, ge=0, description="Times Ray restarts a dead red-teamer actor.")
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments of these engines.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="What each actor asks Ray for.")
 
     @model_validator(mode="after")
     def _check_grid(self) -> RedTeamConfig:
@@ -611,19 +671,27 @@ class ExperimentConfig(_Strict):
 
     name: str = Field("cai-ray", description="Experiment name, used in the run folder.")
     seed: int = Field(0, description="Seed for prompts, principles, sampling and init.")
-    models: ModelsConfig = Field(default_factory=ModelsConfig)
-    constitution: ConstitutionConfig = Field(default_factory=ConstitutionConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    sl: SLConfig = Field(default_factory=SLConfig)
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
-    learner: LearnerConfig = Field(default_factory=LearnerConfig)
-    sync: SyncConfig = Field(default_factory=SyncConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    red_team: RedTeamConfig = Field(default_factory=RedTeamConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    models: ModelsConfig = Field(
+        default_factory=ModelsConfig, description="The policy, feedback, reference and preference models.")
+    constitution: ConstitutionConfig = Field(
+        default_factory=ConstitutionConfig, description="The constitution and how principles are drawn.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Prompt datasets and the prompt-length policy.")
+    sl: SLConfig = Field(default_factory=SLConfig, description="The supervised (SL-CAI) stage.")
+    rollout: RolloutConfig = Field(
+        default_factory=RolloutConfig, description="Policy sampling on the vLLM rollout engines.")
+    feedback: FeedbackConfig = Field(
+        default_factory=FeedbackConfig, description="The feedback-model pool: critiques, revisions, preference labels.")
+    learner: LearnerConfig = Field(
+        default_factory=LearnerConfig, description="The DeepSpeed learner group and its algorithms.")
+    sync: SyncConfig = Field(default_factory=SyncConfig, description="Weight sync from the learner into the engines.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="How the RL loop is driven.")
+    red_team: RedTeamConfig = Field(
+        default_factory=RedTeamConfig, description="Automated red-teaming inside the RL loop.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Where metrics and artifacts go.")
+    cluster: ClusterConfig = Field(
+        default_factory=ClusterConfig, description="Ray connection, placement and deadlines.")
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig, description="cai-ray eval: held-out evaluation across checkpoints.")
     batch: BatchConfig = Field(default_factory=BatchConfig,
                                description="Ray Data batch jobs: SL-CAI generation, cai-ray label, eval generation.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve services (cai-ray serve).")
@@ -700,7 +768,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``a.b=c`` into ``("a.b", value)``; the value is read as YAML (``3``, ``true``, ``[1,2]``)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set learner.zero_stage=3")
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set learner.deepspeed.zero_stage=3")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:

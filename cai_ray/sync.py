@@ -10,7 +10,7 @@ One small interface, one class per transport:
 Buckets are flat byte buffers: any dtype (bf16 included) is viewed as uint8, so one broadcast moves a bucket.
 Layouts travel through the group's TCPStore (or with the object refs), not through the controller.
 Receivers collect every bucket before loading anything: a sync that fails part-way leaves the engine on
-its previous, complete version (the controller then marks it stale), never half-loaded.
+its previous, complete version (the error names it; the run stops), never half-loaded.
 Every wait carries ``timeout_s``: a dead peer is an error, never a hang.
 """
 
@@ -295,7 +295,8 @@ class WeightSync:
     ``receive_weights_object_store(buckets, version)`` and ``weight_version()``.
     """
 
-    def __init__(self, cfg: Any, learner: Any, targets: list[tuple[str, Any]], *, transport: str) -> None:
+    def __init__(self, cfg: Any, learner: Any, targets: list[tuple[str, Any]], *, transport: str,
+                 grace: Any) -> None:
         if transport not in ("gloo", "nccl", "object_store"):
             raise ValueError(f"WeightSync: transport {transport!r} must be resolved first (gloo, nccl or "
                              "object_store; ExperimentConfig.resolved_sync_transport() resolves 'auto')")
@@ -304,7 +305,7 @@ class WeightSync:
         self.targets = dict(targets)
         self.transport = transport
         self.bucket_bytes = cfg.bucket_size_mb << 20
-        self.stale: set[str] = set()  # engines whose last sync failed (they still hold a complete older version)
+        self.grace = grace  # a Deadline (cluster.control_timeout_s): how long past sync.timeout_s the driver waits
 
     def push(self, version: int, only: list[str] | None = None) -> dict[str, float]:
         """Sync ``version`` into every target (or ``only`` these); raises :class:`SyncError` naming engines."""
@@ -330,17 +331,16 @@ class WeightSync:
                 send = [r.send_weights.remote(spec, self.bucket_bytes) for r in ranks]
                 recv = [e.receive_weights.remote(spec, i + 1) for i, e in enumerate(engines)]
                 # The grace lets the group's own timeouts fire first, so the error says which peer failed.
-                results = launcher.get_all(send + recv, timeout=self.cfg.deadline, left_s=self.cfg.timeout_s + 30,
+                results = launcher.get_all(send + recv, timeout=self.cfg.deadline,
+                                           left_s=self.cfg.timeout_s + self.grace.seconds,
                                            names=[f"learner rank {i}: send_weights" for i in range(len(ranks))]
                                            + [f"{n}: receive_weights" for n in names])
                 sender, got = results[0], results[len(ranks):]
         except launcher.RemoteCallError as err:
-            # Names in err.failed are "<engine>: <call>"; a sender failure leaves every engine stale.
+            # Names in err.failed are "<engine>: <call>"; a sender failure leaves every engine behind.
             failed = [n for n in names if any(f.startswith(f"{n}:") for f in err.failed)] or names
-            self.stale.update(failed)
             raise SyncError(f"weight sync to version {version} failed ({self.transport}): {err}. Engines "
-                            f"{failed} keep their previous complete weights and are marked stale") from err
-        self.stale.difference_update(names)
+                            f"{failed} keep their previous complete weights") from err
         if self.transport == "object_store":
             # put() returns before anyone reads: the transfer ends when the slowest engine has its bytes.
             sender.transfer_s += max((t.transfer_s for t in got), default=0.0)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from cai_ray.algorithms.common import last_token_index, masked_mean, masked_sum
+from cai_ray.algorithms.common import last_token_index, masked_mean
 
 KLEstimator = Callable[[Tensor, Tensor], Tensor]
 
@@ -90,7 +90,7 @@ def kl_penalized_rewards(
         ref_logprobs: [B, T] reference-model log-probs of the same tokens.
         mask: [B, T] 1 on response tokens.
         kl_coef: KL penalty coefficient.
-        kl_estimator: elementwise estimator, e.g. ``kl_k1`` or ``kl_k3``.
+        kl_estimator: elementwise estimator, ``kl_k1``, ``kl_k2`` or ``kl_k3`` (``learner.ppo.kl_estimator``).
 
     Returns:
         [B, T] detached rewards, zero at masked-out positions (and all-zero for empty rows).
@@ -102,24 +102,6 @@ def kl_penalized_rewards(
     has_tokens = mask.bool().any(dim=-1).to(rewards.dtype)
     bonus = sequence_rewards.detach().to(rewards.dtype) * has_tokens
     return rewards.scatter_add(-1, last.unsqueeze(-1), bonus.unsqueeze(-1))
-
-
-def sequence_kl_penalized_rewards(
-    *,
-    sequence_rewards: Tensor,
-    logprobs: Tensor,
-    ref_logprobs: Tensor,
-    mask: Tensor,
-    kl_coef: float,
-    kl_estimator: KLEstimator = kl_k1,
-) -> Tensor:
-    """Per-sequence rewards: reward - kl_coef * sum_t KL_t over response tokens.
-
-    Shapes as in ``kl_penalized_rewards``; returns [B] (detached).
-    """
-    kl = kl_estimator(logprobs.detach(), ref_logprobs.detach())
-    kl_sum = masked_sum(kl, mask, dim=-1)
-    return sequence_rewards.detach().to(kl_sum.dtype) - kl_coef * kl_sum
 
 
 def policy_loss(

@@ -159,7 +159,7 @@ def score_with_preference_model(cfg: ExperimentConfig, path: str, responses: Seq
     the PM's tokenizer. The PM's heads and their mix are the saved ones.
     """
     from cai_ray.training.group import LearnerGroup
-    from cai_ray.training.learner import LearnerRoles
+    from cai_ray.training.learner import LearnerRoles, pm_scores
     from cai_ray.training.modeling import ScalarHeadModel
 
     if not ScalarHeadModel.is_saved_at(path):
@@ -175,8 +175,8 @@ def score_with_preference_model(cfg: ExperimentConfig, path: str, responses: Seq
     group = LearnerGroup(cfg.learner, cfg.models.model_copy(update={"preference": pm_model}), cfg.cluster,
                          seed=cfg.seed, roles=roles)
     try:
-        return group.pm_scores([TrainSequence(r.sample.prompt_token_ids, r.sample.response_token_ids)
-                                for r in responses])
+        return group.forward(pm_scores, [TrainSequence(r.sample.prompt_token_ids, r.sample.response_token_ids)
+                                         for r in responses])
     finally:
         group.shutdown()
 

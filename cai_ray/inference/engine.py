@@ -100,7 +100,7 @@ def compile_env(engine: EngineConfig, backend: RoleBackend) -> dict[str, str]:
 class Engine:
     """One vLLM engine in this process, with a weight version."""
 
-    def __init__(self, model: ModelConfig, engine: EngineConfig, *, backend: RoleBackend, seed: int = 0) -> None:
+    def __init__(self, model: ModelConfig, engine: EngineConfig, *, backend: RoleBackend, seed: int) -> None:
         apply_env(backend)  # before vLLM is imported: in-process engine core
         for key, value in compile_env(engine, backend).items():  # read as vLLM imports: before the import
             os.environ.setdefault(key, value)

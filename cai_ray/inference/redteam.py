@@ -118,7 +118,7 @@ class RedTeamWorker:
     Its weights stay those it started with (the red-teamer is not trained), so it joins no weight sync.
     """
 
-    def __init__(self, model: ModelConfig, red_team: RedTeamConfig, *, seed: int = 0) -> None:
+    def __init__(self, model: ModelConfig, red_team: RedTeamConfig, *, seed: int) -> None:
         backend = enter_role("red_team", red_team.resources, uses_vllm=True)
         self._engine = Engine(model, red_team.engine, backend=backend, seed=seed)
         self._cfg = red_team
@@ -176,7 +176,7 @@ class RedTeamWorkers:
 
 
 def start_red_team_workers(model: ModelConfig, red_team: RedTeamConfig, cluster: ClusterConfig, *,
-                           seed: int = 0) -> RedTeamWorkers:
+                           seed: int) -> RedTeamWorkers:
     """Start ``red_team.num_workers`` RedTeamWorker actors in one placement group and wait until they are up."""
     workers, pg = start_engine_actors(
         RedTeamWorker, role="red_team", num_workers=red_team.num_workers, engine=red_team.engine,

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 class RolloutWorker(EngineWeights):
     """One policy engine. A plain class; :func:`start_rollout_workers` makes it a Ray actor."""
 
-    def __init__(self, model: ModelConfig, rollout: RolloutConfig, data: DataConfig, *, seed: int = 0) -> None:
+    def __init__(self, model: ModelConfig, rollout: RolloutConfig, data: DataConfig, *, seed: int) -> None:
         backend = enter_role("rollout", rollout.resources, uses_vllm=True)
         self._engine = Engine(model, rollout.engine, backend=backend, seed=seed)
         self._rollout = rollout
@@ -93,7 +93,7 @@ class RolloutWorkers:
 
 
 def start_rollout_workers(model: ModelConfig, rollout: RolloutConfig, data: DataConfig, cluster: ClusterConfig,
-                          *, seed: int = 0) -> RolloutWorkers:
+                          *, seed: int) -> RolloutWorkers:
     """Start ``rollout.num_workers`` RolloutWorker actors in one placement group and wait until they are up.
 
     Each actor's bundle is ``rollout.resources``; a pending group is what asks an autoscaler for nodes.

@@ -24,19 +24,17 @@ Simplification: the preference model is scored on the policy's own samples, one 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-import json
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from cai_ray.algorithms.preference import calibration_metrics, preference_loss
 from cai_ray.axes_report import PM_SCORES_DIR
 from cai_ray.config import ExperimentConfig
 from cai_ray.data import read_prompts, write_jsonl
@@ -48,11 +46,13 @@ from cai_ray.pipelines.checkpoint import (
     write_atomically,
     write_loop_files,
 )
+from cai_ray.pipelines.policy_update import PolicyUpdate, policy_update, update_preference_model
 from cai_ray.pipelines.red_team import RedTeam
 from cai_ray.pipelines.roles import PendingRollout, Roles, role_mismatches, start_roles
 from cai_ray.redteam_archive import Attack, draw_red_team_prompts
 from cai_ray.seeds import stable_seed
 from cai_ray.training.group import LearnerGroup
+from cai_ray.training.learner import pm_axis_scores
 from cai_ray.types import (
     ComparisonRequest,
     PreferenceLabel,
@@ -60,11 +60,9 @@ from cai_ray.types import (
     RolloutBatch,
     Sample,
     TrainPair,
-    TrainSequence,
 )
 
 logger = logging.getLogger(__name__)
-NEEDS_WHOLE_GROUPS = ("grpo", "rloo")
 
 
 class EmptyIterationError(RuntimeError):
@@ -75,10 +73,10 @@ class EmptyIterationError(RuntimeError):
 def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, roles: Roles | None = None) -> list[Metrics]:
     """Run ``cfg.schedule.num_iterations`` RL-CAI iterations (on started ``roles``: :func:`running`); their metrics."""
     pool = _prompt_pool(cfg)
-    num_iterations, overlap, k = cfg.schedule.num_iterations, cfg.schedule.mode == "async", \
-        cfg.rollout.num_samples_per_prompt
+    num_iterations, overlap = cfg.schedule.num_iterations, cfg.schedule.mode == "async"
     state = load_for_resume(run_dir, cfg.model_dump(mode="json")) if resume else LoopState()  # before any start-up
     red_team = RedTeam(cfg.red_team, cfg.data.red_team, run_dir, seed=cfg.seed, first_iteration=state.iteration)
+    update_policy = policy_update(cfg.learner, samples_per_prompt=cfg.rollout.num_samples_per_prompt)  # chosen once
     history: list[Metrics] = []
     with running(cfg, run_dir, state, resume=resume, roles=roles) as (roles, writer, bar):
         pending: PendingRollout | None = None
@@ -99,7 +97,7 @@ def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, roles:
                 requests, pairs = make_pairs(samples, iteration=it)
                 labels = roles.feedback.label_pairs(requests)
             fresh = [pair_for_training(p, lab) for p, lab in zip(pairs, labels, strict=True) if lab.error is None]
-            empty = nothing_to_train(rollout, labels, fresh, algorithm=cfg.learner.algorithm, samples_per_prompt=k)
+            empty = nothing_to_train(rollout, labels, fresh, update=update_policy)
             if empty is None:
                 pm_metrics = {}
                 if roles.learner.roles.preference_model:  # schedule.preference_model: its reward, or a monitor
@@ -110,8 +108,7 @@ def rl_cai(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, roles:
                         pm_metrics = update_preference_model(roles.learner, fresh, state.replay,
                                                              epochs=cfg.learner.num_pm_epochs)
                 with timer.phase("policy_update"):
-                    policy_metrics = update_policy(roles.learner, samples, fresh, algorithm=cfg.learner.algorithm,
-                                                   samples_per_prompt=k)
+                    policy_metrics = update_policy(roles.learner, samples, fresh)
                 state.version += 1  # the learner holds the new weights; the engines get them at sync
             else:
                 pm_metrics, policy_metrics = {}, empty_iteration(it, empty, policy=cfg.schedule.on_empty_iteration)
@@ -212,31 +209,6 @@ def pair_for_training(pair: tuple[Sample, Sample], label: PreferenceLabel) -> Tr
     return TrainPair(a.prompt_token_ids, a.response_token_ids, b.response_token_ids, label.prob_a, axis_probs)
 
 
-def preference_accuracy(scores: Sequence[float], pairs: Sequence[TrainPair]) -> dict[str, float]:
-    """The preference model's accuracy / loss / calibration (ECE, Brier) on labelled pairs, from its scores of
-    [a0, b0, a1, b1, ...]."""
-    if not pairs:
-        return {}
-    r = torch.tensor(scores, dtype=torch.float32).view(-1, 2)
-    prob_a = torch.tensor([p.prob_a for p in pairs], dtype=torch.float32)
-    _, metrics = preference_loss(reward_a=r[:, 0], reward_b=r[:, 1], prob_a=prob_a)
-    metrics |= calibration_metrics(pred_prob_a=torch.sigmoid(r[:, 0] - r[:, 1]), prob_a=prob_a)
-    # "loss/pm" -> "pm_fresh/loss", "pm/accuracy" -> "pm_fresh/accuracy", ...
-    return {k.replace("loss/pm", "pm/loss").replace("pm/", "pm_fresh/", 1): v for k, v in metrics.items()}
-
-
-def axis_preference_accuracy(scores: Sequence[Sequence[float]], pairs: Sequence[TrainPair],
-                             axes: Sequence[str]) -> Metrics:
-    """``pm_fresh/<axis>/accuracy`` (and loss, ...) of each PM head on its axis's labels, from [a0, b0, ...] rows."""
-    heads = torch.tensor(scores, dtype=torch.float32).view(len(pairs), 2, len(axes))
-    targets = torch.tensor([list(p.axis_probs or ()) for p in pairs], dtype=torch.float32)
-    out: Metrics = {}
-    for j, axis in enumerate(axes):
-        _, m = preference_loss(reward_a=heads[:, 0, j], reward_b=heads[:, 1, j], prob_a=targets[:, j])
-        out |= {f"pm_fresh/{axis}/{'loss' if k == 'loss/pm' else k.removeprefix('pm/')}": v for k, v in m.items()}
-    return out
-
-
 def pm_score_rows(samples: Sequence[Sample], scores: Sequence[Sequence[float]],
                   axes: Sequence[str]) -> list[dict[str, object]]:
     """One row per sample: its prompt, index and weight version, and each PM head's score by axis."""
@@ -253,50 +225,11 @@ def write_pm_scores(learner: LearnerGroup, samples: Sequence[Sample], path: Path
     axes = learner.roles.pm_axes
     if axes and samples:
         seqs = [TrainSequence(s.prompt_token_ids, s.response_token_ids) for s in samples]
-        write_jsonl(pm_score_rows(samples, learner.pm_axis_scores(seqs), axes), path)
-
-
-def update_preference_model(learner: LearnerGroup, fresh: Sequence[TrainPair], replay: Sequence[Sequence[TrainPair]],
-                            *, epochs: int) -> Metrics:
-    """The PM's accuracy on the fresh labels before its update, then ``epochs`` steps on the replay window."""
-    pairs = [p for window in replay for p in window]
-    metrics: Metrics = preference_accuracy(learner.pm_scores(_flatten(fresh)), fresh) if fresh else {}
-    if fresh and learner.roles.pm_axes:
-        metrics |= axis_preference_accuracy(learner.pm_axis_scores(_flatten(fresh)), fresh, learner.roles.pm_axes)
-    for _ in range(epochs if pairs else 0):
-        metrics |= learner.pm_step(pairs)
-    return metrics
-
-
-def update_policy(learner: LearnerGroup, samples: Sequence[Sample], pairs: Sequence[TrainPair], *, algorithm: str,
-                  samples_per_prompt: int) -> Metrics:
-    """One policy update (the learner makes its ``num_policy_epochs`` passes); its metrics plus the PM reward.
-
-    GRPO / RLOO train on the prompts with all ``samples_per_prompt`` samples only.
-    """
-    if algorithm in NEEDS_WHOLE_GROUPS:
-        whole = _whole_groups(samples, samples_per_prompt)
-        samples = [s for s in samples if s.prompt_id in whole]
-    groups = _group_ids(samples)
-    seqs = [TrainSequence(s.prompt_token_ids, s.response_token_ids, s.response_logprobs, group_id=groups[s.prompt_id])
-            for s in samples]
-    if algorithm == "dpo":  # learns from the labels; the PM's reward is only a monitor (schedule.preference_model)
-        rewards = learner.pm_scores(seqs) if seqs and learner.roles.preference_model else []
-        monitor = {"reward/mean": _mean(rewards), "reward/std": _std(rewards)} if rewards else {}
-        return monitor | learner.dpo_step(list(pairs))
-    rewards = learner.pm_scores(seqs) if seqs else []
-    out: Metrics = {"reward/mean": _mean(rewards), "reward/std": _std(rewards)}
-    per_axis = learner.roles.pm_axes and algorithm in NEEDS_WHOLE_GROUPS and seqs  # GDPO-style advantages
-    axis_rewards = [tuple(r) for r in learner.pm_axis_scores(seqs)] if per_axis else [None] * len(seqs)
-    scored = [TrainSequence(s.prompt_token_ids, s.response_token_ids, s.rollout_logprobs, r, s.group_id, ar)
-              for s, r, ar in zip(seqs, rewards, axis_rewards, strict=True)]
-    if algorithm == "ppo":
-        return out | learner.ppo_step(scored)
-    return out | learner.critic_free_step(scored, algorithm)
+        write_jsonl(pm_score_rows(samples, learner.forward(pm_axis_scores, seqs), axes), path)
 
 
 def nothing_to_train(rollout: RolloutBatch, labels: Sequence[PreferenceLabel], fresh: Sequence[TrainPair], *,
-                     algorithm: str, samples_per_prompt: int) -> str | None:
+                     update: PolicyUpdate) -> str | None:
     """Why the policy update would have no input this iteration (None: there is something to train on).
 
     No samples at all (every prompt rejected); DPO with no labelled pair (every label errored); GRPO / RLOO
@@ -305,13 +238,12 @@ def nothing_to_train(rollout: RolloutBatch, labels: Sequence[PreferenceLabel], f
     if not rollout.samples:
         first = f" (first: {rollout.rejected[0].reason})" if rollout.rejected else ""
         return f"no samples: all {len(rollout.rejected)} prompts were rejected{first}"
-    if algorithm == "dpo" and not fresh:
+    reason = update.nothing_to_train(rollout.samples, fresh)
+    if reason is not None and update.from_labels:
         errors = [lab.error for lab in labels if lab.error is not None]
         first = f" (first: {errors[0]})" if errors else ""
-        return f"no labelled pair for DPO: {len(errors)} of {len(labels)} labels errored{first}"
-    if algorithm in NEEDS_WHOLE_GROUPS and not _whole_groups(rollout.samples, samples_per_prompt):
-        return f"no prompt has all {samples_per_prompt} samples that {algorithm} needs as a group"
-    return None
+        return f"{reason}: {len(errors)} of {len(labels)} labels errored{first}"
+    return reason
 
 
 def empty_iteration(iteration: int, reason: str, *, policy: str) -> Metrics:
@@ -351,7 +283,7 @@ def save_checkpoint(learner: LearnerGroup, state: LoopState, run_dir: Path, cfg:
     """Learner states + loop state + config, swapped in atomically (see :mod:`cai_ray.pipelines.checkpoint`)."""
 
     def write(folder: Path) -> None:
-        learner.save_checkpoint(str(folder / "learner"))
+        learner.save_checkpoint(str(folder / "learner"), bucket_bytes=cfg.sync.bucket_size_mb << 20)
         write_loop_files(folder, state, cfg.model_dump(mode="json"))
 
     write_atomically(checkpoint_dir(run_dir), write)
@@ -378,35 +310,5 @@ def _iteration_prompts(cfg: ExperimentConfig, pool: dict[str, list[Prompt]], ite
     return picked
 
 
-def _flatten(pairs: Sequence[TrainPair]) -> list[TrainSequence]:
-    out = []
-    for p in pairs:
-        out.append(TrainSequence(p.prompt_token_ids, p.response_a_token_ids))
-        out.append(TrainSequence(p.prompt_token_ids, p.response_b_token_ids))
-    return out
-
-
-def _group_ids(samples: Sequence[Sample]) -> dict[str, int]:
-    ids: dict[str, int] = {}
-    for s in samples:
-        ids.setdefault(s.prompt_id, len(ids))
-    return ids
-
-
-def _whole_groups(samples: Sequence[Sample], k: int) -> set[str]:
-    """Prompt ids with all ``k`` samples (GRPO / RLOO need complete groups)."""
-    counts: dict[str, int] = {}
-    for s in samples:
-        counts[s.prompt_id] = counts.get(s.prompt_id, 0) + 1
-    return {pid for pid, n in counts.items() if n == k}
-
-
 def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else float("nan")
-
-
-def _std(xs: Sequence[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    m = _mean(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))

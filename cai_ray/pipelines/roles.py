@@ -60,7 +60,8 @@ class Roles:
             targets += [(f"feedback worker {i}", w) for i, w in enumerate(feedback.workers)]
             # A feedback worker that Ray restarts comes back with its initial weights: re-sync it first.
             feedback.on_restart = lambda i: self.sync.push(self.version, only=[f"feedback worker {i}"])
-        self.sync = WeightSync(cfg.sync, learner, targets, transport=cfg.resolved_sync_transport())
+        self.sync = WeightSync(cfg.sync, learner, targets, transport=cfg.resolved_sync_transport(),
+                               grace=cfg.cluster.control)
         self.version = 0
 
     # ------------------------------------------------------------------------------- rollout

@@ -59,7 +59,8 @@ def sl_cai(cfg: ExperimentConfig, run_dir: Path) -> str:
     data = generate_sl_data(cfg, out)
     dataset = ray.data.read_parquet(data.files, columns=list(SFT_COLUMNS), override_num_blocks=len(data.files))
     result = run_sft(dataset, model=cfg.models.policy, sl=cfg.sl, learner=cfg.learner, cluster=cfg.cluster,
-                     run_dir=str(out), seed=cfg.seed)
+                     run_dir=str(out), seed=cfg.seed,
+                     bucket_bytes=cfg.sync.bucket_size_mb << 20)
     return result.policy_path
 
 

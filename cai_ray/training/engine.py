@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from cai_ray.config import LearnerConfig
+from cai_ray.config import DeepSpeedConfig
 from cai_ray.models import ModelRef
 
 logger = logging.getLogger(__name__)
@@ -85,24 +85,23 @@ def init_distributed(*, backend: str, rank: int, world_size: int, master_addr: s
 # ------------------------------------------------------------------------------------- ds_config
 
 
-def ds_config(learner: LearnerConfig, *, world_size: int, dtype: torch.dtype, trainable: bool = True,
-              micro_batch_size: int | None = None) -> dict[str, Any]:
-    """The DeepSpeed config for one model of the learner.
+def ds_config(deepspeed: DeepSpeedConfig, *, micro_batch_size: int, grad_clip: float, world_size: int,
+              dtype: torch.dtype, trainable: bool = True) -> dict[str, Any]:
+    """The DeepSpeed config for one model of the learner (or the SFT job).
 
     ``trainable=False`` gives the config of a frozen model: ZeRO-3 stays ZeRO-3 (partitioned weights),
     anything else becomes stage 0 (a replicated copy; there is no optimizer state to shard).
     """
-    mbs = micro_batch_size or learner.micro_batch_size
-    stage = learner.zero_stage if trainable or learner.zero_stage == 3 else 0
+    stage = deepspeed.zero_stage if trainable or deepspeed.zero_stage == 3 else 0
     zero: dict[str, Any] = {"stage": stage}
     if stage == 3:
-        zero["stage3_param_persistence_threshold"] = learner.zero3_param_persistence_threshold
-    if trainable and learner.offload_optimizer and stage > 0:
+        zero["stage3_param_persistence_threshold"] = deepspeed.zero3_param_persistence_threshold
+    if trainable and deepspeed.offload_optimizer and stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": mbs,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,
-        "train_batch_size": mbs * world_size,
+        "train_batch_size": micro_batch_size * world_size,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16},
@@ -112,7 +111,7 @@ def ds_config(learner: LearnerConfig, *, world_size: int, dtype: torch.dtype, tr
         "wall_clock_breakdown": False,
     }
     if trainable:
-        config["gradient_clipping"] = learner.grad_clip
+        config["gradient_clipping"] = grad_clip
     return config
 
 
@@ -191,8 +190,7 @@ def _gather(bucket: list[tuple[str, torch.nn.Parameter]], rank: int) -> list[tup
         return [(name, p.detach().to("cpu", copy=True)) for name, p in bucket]
 
 
-def gathered_state_dict(module: torch.nn.Module, *, rank: int,
-                        bucket_bytes: int = 256 << 20) -> dict[str, torch.Tensor]:
+def gathered_state_dict(module: torch.nn.Module, *, rank: int, bucket_bytes: int) -> dict[str, torch.Tensor]:
     """The full state dict on rank 0 (empty elsewhere); a collective under ZeRO-3."""
     state: dict[str, torch.Tensor] = {}
     for bucket in gathered_buckets(module, bucket_bytes=bucket_bytes, rank=rank):
@@ -200,9 +198,13 @@ def gathered_state_dict(module: torch.nn.Module, *, rank: int,
     return state
 
 
-def save_hf(module: torch.nn.Module, path: str, *, rank: int, tokenizer_from: ModelRef | None = None) -> None:
-    """Write ``module`` (an HF model or ScalarHeadModel) as an HF folder on rank 0; collective under ZeRO-3."""
-    state = gathered_state_dict(module, rank=rank)
+def save_hf(module: torch.nn.Module, path: str, *, rank: int, bucket_bytes: int,
+            tokenizer_from: ModelRef | None = None) -> None:
+    """Write ``module`` (an HF model or ScalarHeadModel) as an HF folder on rank 0; collective under ZeRO-3.
+
+    ``bucket_bytes`` (``sync.bucket_size_mb``) bounds how much of the model is gathered whole at a time.
+    """
+    state = gathered_state_dict(module, rank=rank, bucket_bytes=bucket_bytes)
     if rank != 0:
         return
     module.save_pretrained(path, state_dict=state)

@@ -13,40 +13,43 @@ reported by rank as soon as it is known, not after the survivors' collectives ti
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
 
 from cai_ray import launcher
 from cai_ray.config import ClusterConfig, Deadline, LearnerConfig, ModelsConfig
-from cai_ray.training.learner import CRITIC_FREE_ESTIMATORS, LearnerRoles, LearnerWorker, Metrics
-from cai_ray.training.modeling import group_size, shard
-from cai_ray.types import TrainPair, TrainSequence
+from cai_ray.training.learner import LearnerRoles, LearnerWorker, Metrics
+from cai_ray.training.modeling import shard
+
+# What the group ships to its ranks: ``fn(worker, shard, num_valid)`` (see ``LearnerWorker.run``).
+RankFn = Callable[[LearnerWorker, Sequence[Any], int], Any]
 
 
 class LearnerGroup:
-    """``num_ranks`` learner actors behind the same verbs as ``LearnerWorker``, on whole batches.
+    """``num_ranks`` learner actors driven as one: ``update(fn, items)`` / ``forward(fn, items)`` on whole batches.
 
-    After a ``RemoteCallError`` the surviving ranks may be stuck in a collective: shut the group down
-    and build a new one (from the last checkpoint).
+    ``fn`` is a plain function (the updates of :mod:`cai_ray.training.updates`, the scoring passes of
+    :mod:`cai_ray.training.learner`), with its settings bound by ``functools.partial``; it is shipped to every
+    rank with that rank's shard. After a ``RemoteCallError`` the surviving ranks may be stuck in a collective:
+    shut the group down and build a new one (from the last checkpoint).
     """
 
     def __init__(self, learner: LearnerConfig, models: ModelsConfig, cluster: ClusterConfig, *, seed: int,
-                 roles: LearnerRoles | None = None) -> None:
-        self.cfg = learner
+                 roles: LearnerRoles) -> None:
         self.step_timeout, self.control_timeout = cluster.step, cluster.control
-        self.roles = roles or LearnerRoles.for_algorithm(learner.algorithm)
+        self.roles = roles
         n = learner.num_ranks
         self.names = [f"learner rank {i}" for i in range(n)]
         self._ranks, self._pg = launcher.start_actors(
             LearnerWorker, role="learner", resources=learner.resources, cluster=cluster, names=self.names,
             args=lambda i: ((), {"rank": i, "world_size": n, "learner": learner, "models": models, "seed": seed,
-                                 "roles": self.roles}))
+                                 "roles": roles}))
         try:
             addr, port = launcher.get(self._ranks[0].open_rendezvous.remote(), timeout=cluster.startup,
                                       what="learner rank 0: open_rendezvous")
-            self.rank_info = self._all("setup", addr, port, timeout=cluster.startup)
+            self.rank_info = self._each(lambda rank: rank.setup.remote(addr, port), "setup", cluster.startup)
         except BaseException:
             self.shutdown()
             raise
@@ -58,6 +61,7 @@ class LearnerGroup:
 
     @property
     def num_ranks(self) -> int:
+        """How many ranks the group has."""
         return len(self._ranks)
 
     # -------------------------------------------------------------------------------- fan-out
@@ -78,103 +82,40 @@ class LearnerGroup:
         return launcher.get_all(list(refs), timeout=timeout, left_s=deadline - (time.monotonic() - start),
                                 names=[f"{name}: {what}" for name in self.names])
 
-    def _all(self, method: str, *args: Any, timeout: Deadline) -> list[Any]:
-        """Call ``method`` with the same arguments on every rank."""
-        refs = [getattr(actor, method).remote(*args) for actor in self._ranks]
-        return self._wait(refs, method, timeout)
+    def _each(self, call: Callable[[Any], Any], what: str, timeout: Deadline) -> list[Any]:
+        """``call(rank actor)`` (which returns its ObjectRef) on every rank; the results in rank order."""
+        return self._wait([call(actor) for actor in self._ranks], what, timeout)
 
-    def _sharded(self, method: str, items: Sequence[Any], *args: Any, unit: int = 1,
-                 **kwargs: Any) -> tuple[list[Any], list[int]]:
-        """``method(shard, *args, num_valid=, **kwargs)`` on each rank; returns results and valid counts."""
+    def _sharded(self, fn: RankFn, items: Sequence[Any], unit: int) -> tuple[list[Any], list[int]]:
+        """``fn(worker, shard, num_valid)`` on each rank; returns its results and each shard's valid count."""
         shards = shard(list(items), self.num_ranks, unit=unit)
-        refs = [getattr(actor, method).remote(part, *args, num_valid=valid, **kwargs)
-                for actor, (part, valid) in zip(self._ranks, shards, strict=True)]
-        return self._wait(refs, method, self.step_timeout), [valid for _, valid in shards]
-
-    def _step(self, method: str, items: Sequence[Any], *args: Any, unit: int = 1, **kwargs: Any) -> Metrics:
-        results, weights = self._sharded(method, items, *args, unit=unit, **kwargs)
-        return _weighted_mean(results, weights)
+        refs = [actor.run.remote(fn, part, valid) for actor, (part, valid) in zip(self._ranks, shards, strict=True)]
+        return self._wait(refs, _name(fn), self.step_timeout), [valid for _, valid in shards]
 
     # ---------------------------------------------------------------------------------- verbs
+    def update(self, fn: RankFn, items: Sequence[Any], *, unit: int = 1) -> Metrics:
+        """An update ``fn`` on ``items`` split over the ranks (``unit`` rows never split: a GRPO group); the
+        ranks' metrics averaged, each weighted by its number of real items."""
+        results, weights = self._sharded(fn, items, unit)
+        return _weighted_mean(results, weights)
+
+    def forward(self, fn: RankFn, items: Sequence[Any]) -> list[Any]:
+        """A scoring pass ``fn`` (one result per item) on ``items`` split over the ranks; the results in order."""
+        results, _ = self._sharded(fn, items, 1)
+        return [row for part in results for row in part]
+
     def ping(self) -> list[dict[str, Any]]:
         """Every rank's identity; raises naming any rank that is gone."""
-        return self._all("ping", timeout=self.control_timeout)
+        return self._each(lambda rank: rank.ping.remote(), "ping", self.control_timeout)
 
-    def sft_step(self, seqs: Sequence[TrainSequence]) -> Metrics:
-        """One optimizer step of SFT on ``seqs`` (split over ranks)."""
-        return self._step("sft_step", seqs)
-
-    def pm_step(self, pairs: Sequence[TrainPair]) -> Metrics:
-        """One optimizer step of the preference model on labelled pairs."""
-        return self._step("pm_step", pairs)
-
-    def pm_scores(self, seqs: Sequence[TrainSequence]) -> list[float]:
-        """Preference-model reward for each sequence, in order."""
-        results, _ = self._sharded("pm_scores", seqs)
-        return [score for part in results for score in part]
-
-    def pm_axis_scores(self, seqs: Sequence[TrainSequence]) -> list[list[float]]:
-        """Per-axis head scores of each sequence, in order (multi-head PM)."""
-        results, _ = self._sharded("pm_axis_scores", seqs)
-        return [row for part in results for row in part]
-
-    def dpo_step(self, pairs: Sequence[TrainPair]) -> Metrics:
-        """``learner.num_policy_epochs`` optimizer steps of online DPO on labelled pairs."""
-        return self._step("dpo_step", pairs)
-
-    def ppo_step(self, seqs: Sequence[TrainSequence]) -> Metrics:
-        """PPO update (``learner.num_policy_epochs`` steps) of policy and critic on rollouts with ``reward`` set."""
-        _require_rewards(seqs)
-        return self._step("ppo_step", seqs)
-
-    def critic_free_step(self, seqs: Sequence[TrainSequence], estimator: str) -> Metrics:
-        """GRPO / RLOO / REINFORCE++ update (``learner.num_policy_epochs`` steps); groups never span ranks."""
-        if estimator not in CRITIC_FREE_ESTIMATORS:
-            raise ValueError(f"estimator {estimator!r}: expected one of {CRITIC_FREE_ESTIMATORS}")
-        _require_rewards(seqs)
-        if estimator == "reinforce_pp":
-            return self._step("critic_free_step", seqs, estimator)
-        k = group_size(seqs)
-        return self._step("critic_free_step", seqs, estimator, unit=k, samples_per_prompt=k)
-
-    def policy_logprobs(self, seqs: Sequence[TrainSequence]) -> list[tuple[float, ...]]:
-        """Per-response-token log-probs under the current policy, in order."""
-        results, _ = self._sharded("policy_logprobs", seqs)
-        return [row for part in results for row in part]
-
-    def export_weights(self, bucket_bytes: int) -> Iterator[list[tuple[str, Any]]]:
-        """Yield (HF name, tensor) buckets from rank 0 while every rank runs the gathers.
-
-        Rank 0 runs at most two buckets ahead of the consumer (Ray generator backpressure), so the whole
-        model is never materialised outside the learner. Consume the generator to the end.
-        """
-        gens = [actor.export_weights.options(num_returns="streaming", _generator_backpressure_num_objects=2)
-                .remote(bucket_bytes) for actor in self._ranks]
-        done = {gen.completed(): i for i, gen in enumerate(gens[1:], start=1)}
-        source = gens[0]
-        while True:
-            ready, _ = ray.wait([source, *done], num_returns=1, timeout=self.step_timeout.seconds)
-            if not ready:
-                raise launcher.RemoteCallError(f"learner rank 0: export_weights: no bucket within {self.step_timeout}")
-            if ready[0] is not source:
-                i = done.pop(ready[0])
-                launcher.get_all([ready[0]], timeout=self.step_timeout, names=[f"{self.names[i]}: export_weights"],
-                                 left_s=0)
-                continue
-            try:
-                ref = next(source)
-            except StopIteration:
-                break
-            yield launcher.get(ref, timeout=self.step_timeout, what="learner rank 0: export_weights")
-        self._wait([gen.completed() for gen in gens], "export_weights", self.step_timeout)
-
-    def save_checkpoint(self, path: str) -> None:
-        """DeepSpeed states + HF folders (policy_hf, preference_hf) + RNG under ``path`` (shared storage)."""
-        self._all("save_checkpoint", path, timeout=self.step_timeout)
+    def save_checkpoint(self, path: str, *, bucket_bytes: int) -> None:
+        """DeepSpeed states + HF folders (policy_hf, preference_hf, gathered ``bucket_bytes`` at a time) + RNG
+        under ``path`` (shared storage)."""
+        self._each(lambda rank: rank.save_checkpoint.remote(path, bucket_bytes), "save_checkpoint", self.step_timeout)
 
     def load_checkpoint(self, path: str) -> None:
         """Restore a checkpoint written by a group of the same size and ZeRO stage."""
-        self._all("load_checkpoint", path, timeout=self.step_timeout)
+        self._each(lambda rank: rank.load_checkpoint.remote(path), "load_checkpoint", self.step_timeout)
 
     def shutdown(self) -> None:
         """Kill the rank actors and release their placement group."""
@@ -182,11 +123,9 @@ class LearnerGroup:
         self._ranks, self._pg = [], None
 
 
-def _require_rewards(seqs: Sequence[TrainSequence]) -> None:
-    """Checked here, before the fan-out, so no rank is left waiting in a collective for one that raised."""
-    missing = [i for i, s in enumerate(seqs) if s.reward is None]
-    if missing:
-        raise ValueError(f"sequences {missing[:5]} have no reward; score them first (pm_scores)")
+def _name(fn: Any) -> str:
+    """What a remote-call error calls ``fn``: its function's name (through ``functools.partial``)."""
+    return getattr(getattr(fn, "func", fn), "__name__", type(fn).__name__)
 
 
 def _weighted_mean(results: Sequence[Metrics], weights: Sequence[int]) -> Metrics:

@@ -23,7 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -150,6 +150,18 @@ def response_rows(token_values: Tensor, batch: SequenceBatch) -> list[tuple[floa
         if batch.valid[i]:
             out.append(tuple(token_values[i][batch.loss_mask[i].bool()].tolist()))
     return out
+
+
+def pad_id(config: Any) -> int:
+    """The filler id of padding positions, from the model's HF config: its pad token, else its (first) eos token,
+    else 0. Any valid id works, since masks come from lengths; the learner and the SFT job use this one rule."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(config, attr, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
 
 
 def micro_batches(num_rows: int, size: int) -> list[tuple[int, int]]:

@@ -63,13 +63,14 @@ def encode_text_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], *, max_l
 
 
 def run_sft(data: ray.data.Dataset | Sequence[tuple[str, str]], *, model: ModelConfig, sl: SLConfig,
-            learner: LearnerConfig, cluster: ClusterConfig, run_dir: str, seed: int = 0) -> SFTResult:
+            learner: LearnerConfig, cluster: ClusterConfig, run_dir: str, seed: int, bucket_bytes: int) -> SFTResult:
     """Fine-tune ``model`` on ``data`` with ``sl.num_workers`` Ray Train workers; returns the HF policy folder.
 
     ``data`` is a Ray Dataset with ``prompt`` and ``response`` columns (read lazily, streamed to the workers), or
-    (prompt, response) pairs. ``learner`` supplies the engine settings (ZeRO stage, offload, grad clip); ``sl``
-    the job's own (epochs, lr, micro-batch, workers, retries, and each worker's ``resources``, from which the Ray
-    Train backend (gloo | nccl) and the workers' env follow); ``cluster`` the placement strategy. Needs a running
+    (prompt, response) pairs. ``learner`` supplies the engine settings (``deepspeed``, ``optim``'s weight decay and
+    grad clip); ``sl`` the job's own (epochs, lr, micro-batch, workers, retries, and each worker's ``resources``, from
+    which the Ray Train backend (gloo | nccl) and the workers' env follow); ``cluster`` the placement strategy;
+    ``bucket_bytes`` (``sync.bucket_size_mb``) bounds the ZeRO-3 gathers that write the HF folder. Needs a running
     Ray.
     """
     import ray.data
@@ -90,7 +91,8 @@ def run_sft(data: ray.data.Dataset | Sequence[tuple[str, str]], *, model: ModelC
     root = Path(run_dir).resolve()
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"model_ref": ref, "model": model, "sl": sl, "learner": learner, "seed": seed},
+        train_loop_config={"model_ref": ref, "model": model, "sl": sl, "learner": learner, "seed": seed,
+                           "bucket_bytes": bucket_bytes},
         datasets={"train": dataset.select_columns(["prompt", "response"])},
         torch_config=TorchConfig(backend=backend.dist_backend, timeout_s=int(learner.collective_timeout_s)),
         scaling_config=ScalingConfig(num_workers=sl.num_workers, use_gpu=backend.device == "cuda",
@@ -140,12 +142,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(seed)
     engine, pad_id, device = _engine(config, backend, world)
-    start_epoch = 0
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        with resume.as_directory() as folder:
-            ds.load_checkpoint(engine, folder, tag="state")  # weights-only: nothing is unpickled
-            start_epoch = json.loads((Path(folder) / PROGRESS_FILE).read_text())["epoch"] + 1
+    start_epoch = _resume(engine)
     torch.manual_seed(seed + 1000 * (rank + 1))
     rows = ray.train.get_dataset_shard("train")  # this worker's stream; every worker's is equally long
     tokenizer = ref.tokenizer()
@@ -160,7 +157,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             engine.save_checkpoint(folder, tag="state")
             if last:
-                ds.save_hf(engine.module, str(Path(folder) / HF_DIR), rank=rank, tokenizer_from=ref)
+                ds.save_hf(engine.module, str(Path(folder) / HF_DIR), rank=rank,
+                           bucket_bytes=config["bucket_bytes"], tokenizer_from=ref)
             if rank == 0:
                 (Path(folder) / PROGRESS_FILE).write_text(json.dumps({"epoch": epoch}))
             metrics = {"epoch": epoch, "loss/sft": sum(losses) / max(1, len(losses)), "steps": len(losses),
@@ -174,18 +172,33 @@ def _engine(config: dict[str, Any], backend: Any, world: int) -> tuple[Any, int,
     import torch
 
     from cai_ray.training import engine as ds
+    from cai_ray.training.modeling import pad_id
 
     sl: SLConfig = config["sl"]
     learner: LearnerConfig = config["learner"]
     dtype = backend.torch_dtype(config["model"].dtype)
     module = config["model_ref"].causal_lm(dtype=dtype)
-    pad_id = int(module.config.pad_token_id if module.config.pad_token_id is not None else 0)
-    engine = ds.wrap(module, config=ds.ds_config(learner, world_size=world, dtype=dtype,
-                                                 micro_batch_size=sl.micro_batch_size),
-                     lr=sl.lr, weight_decay=learner.weight_decay, gradient_checkpointing=learner.gradient_checkpointing)
+    engine = ds.wrap(module, config=ds.ds_config(learner.deepspeed, micro_batch_size=sl.micro_batch_size,
+                                                 grad_clip=learner.optim.grad_clip, world_size=world, dtype=dtype),
+                     lr=sl.lr, weight_decay=learner.optim.weight_decay,
+                     gradient_checkpointing=learner.deepspeed.gradient_checkpointing)
     # Ray Train shows a node's workers all of their GPUs and has set each one's own as the current device.
     device = ray.train.torch.get_device() if backend.device == "cuda" else torch.device("cpu")
-    return engine, pad_id, device
+    return engine, pad_id(module.config), device
+
+
+def _resume(engine: Any) -> int:
+    """The epoch to start from: 0, or the one after Ray Train's last checkpoint, whose states are loaded."""
+    import ray.train
+
+    from cai_ray.training import engine as ds
+
+    resume = ray.train.get_checkpoint()
+    if resume is None:
+        return 0
+    with resume.as_directory() as folder:
+        ds.load_checkpoint(engine, folder, tag="state")  # weights-only: nothing is unpickled
+        return json.loads((Path(folder) / PROGRESS_FILE).read_text())["epoch"] + 1
 
 
 def _step(engine: Any, seqs: Sequence[TrainSequence], *, pad_id: int, device: Any) -> float:

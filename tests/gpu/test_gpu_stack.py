@@ -34,7 +34,7 @@ from cai_ray.config import (
     SyncConfig,
     load_config,
 )
-from cai_ray.types import Prompt, TrainSequence
+from cai_ray.types import Prompt, TrainPair, TrainSequence
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
 
@@ -99,22 +99,28 @@ def test_deepspeed_zero_on_cuda_with_nccl(ray_local: None, tiny_model_path: str,
     from cai_ray.training.group import LearnerGroup
     from cai_ray.training.learner import LearnerRoles
 
-    learner = LearnerConfig(num_ranks=1, zero_stage=stage, lr=1e-3, micro_batch_size=4, collective_timeout_s=120,
-                            resources=_gpus(whole=True))
+    from cai_ray.pipelines.policy_update import policy_update
+    from cai_ray.training.learner import policy_logprobs
+
+    learner = LearnerConfig(num_ranks=1, micro_batch_size=4, collective_timeout_s=120, deepspeed={"zero_stage": stage},
+                            optim={"lr": 1e-3}, resources=_gpus(whole=True))
     group = LearnerGroup(learner, ModelsConfig(policy=ModelConfig(name=tiny_model_path)), CLUSTER, seed=0,
-                         roles=LearnerRoles(reference=stage == 3))
+                         roles=LearnerRoles(reference=True))
     try:
         [where] = launcher.get_all([a.__ray_call__.remote(_learner_devices) for a in group.actors], timeout=CLUSTER.step,
                                    names=["learner rank 0: devices"])
         assert where == {"accelerator": "cuda", "process_group": "nccl", "param_device": "cuda", "dtype": "bfloat16"}
-        seqs = [TrainSequence(tuple(range(40, 60)), tuple(range(100, 110))) for _ in range(4)]
-        before = group.policy_logprobs(seqs[:1])[0]
-        losses = [group.sft_step(seqs)["loss/sft"] for _ in range(3)]
-        after = group.policy_logprobs(seqs[:1])[0]
+        prompt, good, bad = tuple(range(40, 60)), tuple(range(100, 110)), tuple(range(300, 310))
+        pairs = [TrainPair(prompt, good, bad, 1.0) for _ in range(4)]
+        seqs = [TrainSequence(prompt, good), TrainSequence(prompt, bad)]
+        before = [sum(row) for row in group.forward(policy_logprobs, seqs)]
+        dpo = policy_update(learner, samples_per_prompt=2)
+        losses = [dpo.train(group, pairs)["loss/dpo"] for _ in range(3)]
+        after = [sum(row) for row in group.forward(policy_logprobs, seqs)]
     finally:
         group.shutdown()
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
-    assert sum(after) > sum(before)  # the trained continuation became likelier
+    assert after[0] - after[1] > before[0] - before[1]  # the preferred continuation gained on the other
 
 
 def _learner_devices(worker: Any) -> dict[str, str]:
@@ -134,11 +140,11 @@ def learner_and_engine(ray_local: None, tiny_model_path: str) -> Iterator[tuple[
 
     whole = torch.cuda.device_count() >= 2  # NCCL needs the two peers on different GPUs
     model = ModelConfig(name=tiny_model_path, max_model_len=512)
-    learner = LearnerConfig(num_ranks=1, zero_stage=3, lr=5e-3, micro_batch_size=4, collective_timeout_s=120,
-                            zero3_param_persistence_threshold=0, resources=_gpus(whole))
-    group = LearnerGroup(learner, ModelsConfig(policy=model), CLUSTER, seed=0, roles=LearnerRoles(reference=False))
+    learner = LearnerConfig(num_ranks=1, micro_batch_size=4, collective_timeout_s=120, optim={"lr": 5e-3},
+                            deepspeed={"zero_stage": 3, "zero3_param_persistence_threshold": 0}, resources=_gpus(whole))
+    group = LearnerGroup(learner, ModelsConfig(policy=model), CLUSTER, seed=0, roles=LearnerRoles(reference=True))
     fleet = start_rollout_workers(model, RolloutConfig(num_workers=1, engine=ENGINE, resources=_gpus(whole)),
-                                  DataConfig(max_prompt_tokens=256), CLUSTER)
+                                  DataConfig(max_prompt_tokens=256), CLUSTER, seed=0)
     yield group, fleet.workers[0], model, whole
     fleet.shutdown()
     group.shutdown()
@@ -156,11 +162,21 @@ def test_weight_sync_from_a_learner_rank_into_a_gpu_engine(learner_and_engine: t
     transport = resolve_sync_transport("auto", learner=decide("learner", resources),
                                        engines=[decide("rollout", resources)])
     assert transport == ("nccl" if whole else "gloo")
+    from functools import partial
+
+    from cai_ray import launcher
+    from cai_ray.config import DPOConfig
+    from cai_ray.sync import object_store_receive
+    from cai_ray.training.updates import dpo
+
     rng = random.Random(2)
-    batch = [TrainSequence(PROMPT[:20], tuple(rng.randrange(40, 2000) for _ in range(8))) for _ in range(4)]
+    pairs = [TrainPair(PROMPT[:20], tuple(rng.randrange(40, 2000) for _ in range(8)),
+                       tuple(rng.randrange(40, 2000) for _ in range(8)), 0.9) for _ in range(4)]
     for _ in range(2):
-        group.sft_step(batch)
-    state = {name: t.clone() for bucket in group.export_weights(1 << 20) for name, t in bucket}
+        group.update(partial(dpo, cfg=DPOConfig(), num_epochs=1), pairs)
+    [(buckets, _)] = launcher.get_all([a.put_weights.remote(1 << 20) for a in group.actors], timeout=CLUSTER.step,
+                                      names=["learner rank 0: put_weights"])
+    state = {name: t.clone() for name, t in object_store_receive(buckets, timeout_s=120)[0]}
     expected = sum(_hf_token_logprobs(tiny_model_path, state, list(PROMPT + CONTINUATION), len(PROMPT)))
 
     def score(actor: Any) -> float:
@@ -171,7 +187,7 @@ def test_weight_sync_from_a_learner_rank_into_a_gpu_engine(learner_and_engine: t
     tol = BF16_TOKEN_TOL * len(CONTINUATION)
     assert abs(stale - expected) > 2 * tol, "the check cannot see a missing sync"
     metrics = WeightSync(SyncConfig(bucket_size_mb=1, timeout_s=120), group, [("rollout worker 0", engine)],
-                         transport=transport).push(1)
+                         transport=transport, grace=CLUSTER.control).push(1)
     assert metrics["sync/num_buckets"] > 1 and ray.get(engine.weight_version.remote(), timeout=60) == 1
     assert abs(score(engine) - expected) < tol
 

@@ -122,7 +122,7 @@ HETEROGENEOUS = textwrap.dedent("""
         cluster.add_node(num_cpus=2, object_store_memory=256 << 20)
     cluster.wait_for_nodes()
     cfg = load_config(sys.argv[1], [f"cluster.address={cluster.address}", "cluster.placement_strategy=STRICT_SPREAD",
-                                    "learner.num_ranks=2", "learner.zero_stage=3", "schedule.num_iterations=1",
+                                    "learner.num_ranks=2", "learner.deepspeed.zero_stage=3", "schedule.num_iterations=1",
                                     "cluster.placement_timeout_s=120", f"logging.output_dir={sys.argv[2]}",
                                     "logging.wandb_mode=disabled"])
     ray.init(address=cluster.address)
@@ -135,7 +135,7 @@ HETEROGENEOUS = textwrap.dedent("""
     remove_placement_group(pg)
     try:  # a real GPU role on that raylet must refuse to run rather than fall back to the CPU
         start_rollout_workers(cfg.models.policy, cfg.rollout.model_copy(update={"resources": gpu}), cfg.data,
-                              cfg.cluster).shutdown()
+                              cfg.cluster, seed=cfg.seed).shutdown()
         refused = None
     except Exception as err:
         refused = str(err)

@@ -104,8 +104,8 @@ def test_resume_reproduces_uninterrupted_run(uninterrupted: tuple[ExperimentConf
     # As if the interrupted run had logged iteration 1 after its last checkpoint: the resume drops that row.
     with (run_dir / "metrics.jsonl").open("a") as f:
         f.write('{"step": 1, "iteration": 1.0, "leftover": 1.0}\n')
-    with pytest.raises(ResumeError, match=r"learner\.lr: 0\.0001 \(checkpoint\) != 0\.001 \(now\)"):
-        rl_cai(quickstart(tmp_path, *args, "learner.lr=1e-3"), run_dir, resume=True)  # refused before start-up
+    with pytest.raises(ResumeError, match=r"learner\.optim\.lr: 0\.0001 \(checkpoint\) != 0\.001 \(now\)"):
+        rl_cai(quickstart(tmp_path, *args, "learner.optim.lr=1e-3"), run_dir, resume=True)  # refused before start-up
     resumed_cfg = quickstart(tmp_path, *args)  # same run folder, 2 iterations, roles started afresh
     resumed = rl_cai(resumed_cfg, run_dir_for(resumed_cfg), resume=True)
     assert [int(m["iteration"]) for m in resumed] == [1]
@@ -240,7 +240,7 @@ def test_a_failed_start_up_closes_the_metrics_writer_and_its_wandb_run(ray_local
 # Roles of the base policy (GRPO), with a large lr so that one learner update moves log-probs far beyond the
 # tolerance of the killed-actor test. Every config run on them is built from ROLE_ARGS: same role fields by
 # construction (rl_cai checks them).
-ROLE_ARGS = ("learner.lr=1e-2", "learner.algorithm=grpo", f"learner.num_policy_epochs={EPOCHS}")
+ROLE_ARGS = ("learner.optim.lr=1e-2", "learner.algorithm=grpo", f"learner.num_policy_epochs={EPOCHS}")
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +264,7 @@ def test_async_loop_trains_on_samples_one_version_old(base_roles: Any, tmp_path:
     assert [m["samples/staleness_max"] for m in history] == [0.0, 1.0, 1.0]
     assert all(m["timing/idle"] >= 0 and m["timing/checkpoint"] >= 0 for m in history)
     # A run whose role fields differ is refused before anything starts or is written, naming each field.
-    other = quickstart(tmp_path / "other", *ROLE_ARGS, "learner.lr=1e-3", "rollout.max_new_tokens=8")
+    other = quickstart(tmp_path / "other", *ROLE_ARGS, "learner.optim.lr=1e-3", "rollout.max_new_tokens=8")
     with pytest.raises(ValueError, match=r"started for a different config:\n  learner\.lr: 0\.01 \(roles\) != "
                                          r"0\.001 \(config\)\n  rollout\.max_new_tokens: 16 \(roles\) != 8"):
         rl_cai(other, run_dir_for(other), roles=base_roles)
@@ -276,15 +276,21 @@ def test_killed_rollout_and_feedback_actors_lose_no_work(base_roles: Any, tmp_pa
     feedback worker dies while labelling: nothing is lost, and every sample records the weights that made it."""
     import ray
 
+    from cai_ray.pipelines.policy_update import policy_update
     from cai_ray.pipelines.rl_cai import _iteration_prompts, _prompt_pool, make_pairs
-    from cai_ray.types import TrainSequence
+    from cai_ray.training.learner import policy_logprobs
+    from cai_ray.types import TrainPair, TrainSequence
 
     roles = base_roles
     cfg = quickstart(tmp_path, *ROLE_ARGS, "schedule.num_prompts_per_iteration=6")
     prompts = _iteration_prompts(cfg, _prompt_pool(cfg), 0)
     roles.push_weights(1)
+    # A DPO update (the roles' learner holds the reference whatever the algorithm): moves the learner a version on.
+    update = policy_update(cfg.learner.model_copy(update={"algorithm": "dpo"}),
+                           samples_per_prompt=cfg.rollout.num_samples_per_prompt)
     for _ in range(3):  # the policy update of iteration 1: the learner now holds version 2, not yet pushed
-        roles.learner.sft_step([TrainSequence((500 + i, 600 + i, 700), (800 + i, 900)) for i in range(4)])
+        update.train(roles.learner, [TrainPair((500 + i, 600 + i, 700), (800 + i, 900), (810 + i, 910), 0.9)
+                                     for i in range(4)])
     pending = roles.submit_generate(prompts, iteration=1)  # sampled by the engines' version 1 ...
     ray.kill(roles.rollout[0], no_restart=False)  # ... but the worker dies with its batch in flight
     samples = list(roles.collect(pending, learner_version=2).samples)
@@ -294,8 +300,8 @@ def test_killed_rollout_and_feedback_actors_lose_no_work(base_roles: Any, tmp_pa
     assert {s.weight_version for s in samples} == {2}
     assert ray.get(roles.rollout[0].weight_version.remote(), timeout=60) == 2
     # ... and really came from them: the learner's fp32 log-probs of the samples agree (vLLM vs HF: ~1e-5).
-    ours = roles.learner.policy_logprobs([TrainSequence(s.prompt_token_ids, s.response_token_ids)
-                                          for s in samples])
+    ours = roles.learner.forward(policy_logprobs, [TrainSequence(s.prompt_token_ids, s.response_token_ids)
+                                                   for s in samples])
     assert max(abs(a - b) for s, lp in zip(samples, ours, strict=True)
                for a, b in zip(s.response_logprobs, lp, strict=True)) < 1e-3
     roles.push_weights(2)

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cai_ray.config import ClusterConfig, LearnerConfig, ModelConfig, SLConfig
+from cai_ray.config import ClusterConfig, LearnerConfig, ModelConfig, SLConfig, SyncConfig
 
 pytestmark = pytest.mark.slow
 
 
 SL = SLConfig(num_workers=2, num_epochs=1, lr=1e-3, micro_batch_size=2, max_failures=1)
-LEARNER = LearnerConfig(zero_stage=3, zero3_param_persistence_threshold=0, collective_timeout_s=120)
+LEARNER = LearnerConfig(deepspeed={"zero_stage": 3, "zero3_param_persistence_threshold": 0}, collective_timeout_s=120)
+BUCKET = SyncConfig().bucket_size_mb << 20
 DATA = [(f"Question {i}: what is {i} plus {i}?", f"The answer is {2 * i}.") for i in range(10)]
 
 
@@ -35,7 +36,7 @@ def test_sft_job_writes_a_loadable_hf_policy(ray_local, tiny_model_path, tmp_pat
     from cai_ray.training.sft_job import run_sft
 
     result = run_sft(DATA, model=ModelConfig(name=tiny_model_path), sl=SL, learner=LEARNER, cluster=ClusterConfig(),
-                     run_dir=str(tmp_path), seed=0)
+                     run_dir=str(tmp_path), seed=0, bucket_bytes=BUCKET)
     assert result.metrics["steps"] == 3  # 10 rows / (2 workers x 2 rows), the last batch half filler
     assert result.metrics["start_epoch"] == 0
 
@@ -57,7 +58,7 @@ def test_sft_job_writes_a_loadable_hf_policy(ray_local, tiny_model_path, tmp_pat
 
     # A new run in the same folder with one more epoch resumes from the last checkpoint, loaded weights-only.
     more = run_sft(DATA, model=ModelConfig(name=tiny_model_path), sl=SL.model_copy(update={"num_epochs": 2}),
-                   learner=LEARNER, cluster=ClusterConfig(), run_dir=str(tmp_path), seed=0)
+                   learner=LEARNER, cluster=ClusterConfig(), run_dir=str(tmp_path), seed=0, bucket_bytes=BUCKET)
     assert (more.metrics["start_epoch"], more.metrics["epoch"], more.metrics["steps"]) == (1, 1, 3)
 
     # A state file replaced by one that would run code is refused, by name, and runs nothing.
@@ -67,7 +68,7 @@ def test_sft_job_writes_a_loadable_hf_policy(ray_local, tiny_model_path, tmp_pat
     with pytest.raises(Exception) as refused:
         run_sft(DATA, model=ModelConfig(name=tiny_model_path),
                 sl=SL.model_copy(update={"num_epochs": 3, "max_failures": 0}), learner=LEARNER,
-                cluster=ClusterConfig(), run_dir=str(tmp_path), seed=0)
+                cluster=ClusterConfig(), run_dir=str(tmp_path), seed=0, bucket_bytes=BUCKET)
     assert f"{optim.name}: refusing to load it" in _chain(refused.value) and "posix.system" in _chain(refused.value)
     assert not marker.exists()
 

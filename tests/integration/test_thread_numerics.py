@@ -64,8 +64,8 @@ def _start(model: ModelConfig, threads: int | str) -> tuple[Any, Any]:
     resources = ResourcesConfig(num_cpus=1, num_threads=threads)
     feedback = FeedbackConfig(num_workers=1, batch_size=8, engine=EngineConfig(kv_cache_memory_mb=32, max_num_seqs=32),
                               judge_check=False, resources=resources)
-    learner = LearnerConfig(num_ranks=1, zero_stage=2, micro_batch_size=2, lr=1e-3, collective_timeout_s=120,
-                            resources=resources)
+    learner = LearnerConfig(num_ranks=1, micro_batch_size=2, collective_timeout_s=120, deepspeed={"zero_stage": 2},
+                            optim={"lr": 1e-3}, resources=resources)
     pool = start_feedback_pool(model, feedback, ConstitutionConfig(path="harmless"), DataConfig(max_prompt_tokens=200),
                                CLUSTER, seed=5)
     try:
@@ -77,6 +77,8 @@ def _start(model: ModelConfig, threads: int | str) -> tuple[Any, Any]:
 
 
 def test_labels_and_dpo_losses_do_not_depend_on_the_thread_layout(ray_local: None, tiny_model_path: str) -> None:
+    from cai_ray.pipelines.policy_update import policy_update
+
     model = ModelConfig(name=tiny_model_path, dtype="float32", max_model_len=512)
     with ThreadPoolExecutor(max_workers=2) as threads:  # start-ups mostly wait: overlap them
         started = dict(zip(LAYOUTS, threads.map(lambda t: _start(model, t), LAYOUTS.values())))
@@ -85,7 +87,8 @@ def test_labels_and_dpo_losses_do_not_depend_on_the_thread_layout(ray_local: Non
         got = {name: (_threads(pool.workers[0]), _threads(group.actors[0])) for name, (pool, group) in started.items()}
         assert got == {"one thread": (1, 1), "node": (cores, cores)}
         labels = {name: pool.label_pairs(_requests()) for name, (pool, _) in started.items()}
-        losses = {name: [group.dpo_step(_pairs())["loss/dpo"] for _ in range(2)]
+        dpo = policy_update(LearnerConfig(algorithm="dpo"), samples_per_prompt=2)
+        losses = {name: [dpo.train(group, _pairs())["loss/dpo"] for _ in range(2)]
                   for name, (_, group) in started.items()}
     finally:
         for pool, group in started.values():

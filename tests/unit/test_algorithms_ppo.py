@@ -13,7 +13,6 @@ from cai_ray.algorithms.ppo import (
     kl_k3,
     kl_penalized_rewards,
     policy_loss,
-    sequence_kl_penalized_rewards,
     value_loss,
 )
 
@@ -119,21 +118,24 @@ def test_kl_penalized_rewards_k3_and_empty_row():
     assert_close(out, expected)
 
 
-def test_sequence_kl_penalized_rewards():
+def test_kl_penalized_rewards_k2():
     logprobs, ref, mask = _kl_inputs()
-    # k1: row0 1 - 0.1 * (1 + 0 + 0.5) = 0.85; row1 2 - 0.1 * 2 = 1.8 (masked t=2 ignored)
-    out = sequence_kl_penalized_rewards(
+    # k2 = 0.5 * (logp - ref)^2: row0 [0.5, 0, 0.125], row1 [0, 2, (masked)]; kl_coef 0.1
+    out = kl_penalized_rewards(
         sequence_rewards=torch.tensor([1.0, 2.0]), logprobs=logprobs, ref_logprobs=ref,
-        mask=mask, kl_coef=0.1, kl_estimator=kl_k1,
+        mask=mask, kl_coef=0.1, kl_estimator=kl_k2,
     )
-    assert_close(out, torch.tensor([0.85, 1.8]))
-    # k3: row0 1 - 0.1 * (0.3678794 + 0.1065307) = 0.9525590
-    out = sequence_kl_penalized_rewards(
-        sequence_rewards=torch.tensor([1.0, 2.0]), logprobs=logprobs, ref_logprobs=ref,
-        mask=mask, kl_coef=0.1, kl_estimator=kl_k3,
-    )
-    # row1 k3: d = [0, -2] -> e^-2 + 2 - 1 = 1.1353353 -> 2 - 0.1135335 = 1.8864665
-    assert_close(out, torch.tensor([0.9525590, 1.8864665]))
+    assert_close(out, torch.tensor([[-0.05, 0.0, 1.0 - 0.0125], [0.0, 1.8, 0.0]]))
+
+
+def test_every_configurable_kl_estimator_is_the_named_function():
+    from typing import get_args
+
+    from cai_ray.config import PPOConfig
+    from cai_ray.training.updates import KL_ESTIMATORS
+
+    names = get_args(PPOConfig.model_fields["kl_estimator"].annotation)
+    assert {name: KL_ESTIMATORS[name] for name in names} == {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
 LOG_1_5 = math.log(1.5)  # ratio 1.5 against old_logprobs = 0

@@ -131,6 +131,6 @@ def test_files_cli_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     (tmp_path / "single" / "labels").mkdir(parents=True)
     (tmp_path / "single" / "labels" / "iter_0000.jsonl").write_text(json.dumps({"error": None, "prob_a": 0.4}))
     with pytest.raises(AxesReportError, match="feedback.label_axes"):
-        axes_report(tmp_path / "single", window=1)
+        axes_report(tmp_path / "single", window=1, num_samples=50, seed=0)
     assert main(["axes", "--run-dir", str(tmp_path / "nothing")]) == 2
     assert "no labels/iter_*.jsonl" in capsys.readouterr().err

@@ -123,11 +123,11 @@ def test_resume_loads_the_state_and_allows_run_length_logging_cluster_and_timeou
 def test_resume_with_a_changed_training_field_names_each_difference(tmp_path: Path) -> None:
     cfg = ExperimentConfig()
     write_atomically(checkpoint_dir(tmp_path), _writer(1, cfg))
-    changed = load_config(None, ["learner.lr=0.5", "rollout.temperature=0.5", "seed=7"])
+    changed = load_config(None, ["learner.optim.lr=0.5", "rollout.temperature=0.5", "seed=7"])
     with pytest.raises(ResumeError) as err:
         load_for_resume(tmp_path, changed.model_dump(mode="json"))
     msg = str(err.value)
-    assert "learner.lr: 1e-05 (checkpoint) != 0.5 (now)" in msg
+    assert "learner.optim.lr: 1e-05 (checkpoint) != 0.5 (now)" in msg
     assert "rollout.temperature: 1.0 (checkpoint) != 0.5 (now)" in msg
     assert "seed: 0 (checkpoint) != 7 (now)" in msg
     assert "config.json" in msg and "schedule.num_iterations" in msg  # where, and what may change
@@ -193,12 +193,12 @@ def test_roles_fit_a_run_that_agrees_on_every_role_field() -> None:
                                     "schedule.num_iterations=9", "data.red_team.path=/elsewhere.jsonl",
                                     "logging.wandb_mode=disabled", "eval.max_new_tokens=3"])
     assert role_mismatches(started_for, same_roles) == []
-    other = load_config(None, ["learner.algorithm=dpo", "learner.lr=0.5", "data.max_prompt_tokens=64",
+    other = load_config(None, ["learner.algorithm=dpo", "learner.optim.lr=0.5", "data.max_prompt_tokens=64",
                                "rollout.resources.num_threads=2", "red_team.enabled=true"])
     lines = role_mismatches(started_for, other)
     keys = {line.split(":")[0] for line in lines}
-    assert {"data.max_prompt_tokens", "learner.holds_preference_model", "learner.lr", "red_team.enabled",
+    assert {"data.max_prompt_tokens", "learner.holds_preference_model", "learner.optim.lr", "red_team.enabled",
             "rollout.resources.num_threads"} <= keys
     assert all(k.startswith("red_team.") for k in keys - {"data.max_prompt_tokens", "learner.holds_preference_model",
-                                                          "learner.lr", "rollout.resources.num_threads"})
-    assert "learner.lr: 1e-05 (roles) != 0.5 (config)" in lines
+                                                          "learner.optim.lr", "rollout.resources.num_threads"})
+    assert "learner.optim.lr: 1e-05 (roles) != 0.5 (config)" in lines

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cai_ray.config import LearnerConfig
+from cai_ray.config import DeepSpeedConfig
 from cai_ray.training.engine import ds_config
 from cai_ray.training.modeling import (
     collate_pairs,
@@ -13,6 +13,7 @@ from cai_ray.training.modeling import (
     group_size,
     last_token_scores,
     micro_batches,
+    pad_id,
     response_rows,
     response_values,
     shard,
@@ -104,13 +105,22 @@ def test_micro_batches_cover_rows():
 
 
 def test_ds_config_frozen_and_offload():
-    cfg = LearnerConfig(zero_stage=2, offload_optimizer=True, micro_batch_size=3)
-    train = ds_config(cfg, world_size=2, dtype=torch.float32)
+    cfg = DeepSpeedConfig(zero_stage=2, offload_optimizer=True)
+    train = ds_config(cfg, micro_batch_size=3, grad_clip=0.5, world_size=2, dtype=torch.float32)
     assert train["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
-    assert train["train_batch_size"] == 6 and train["gradient_clipping"] == cfg.grad_clip
-    frozen = ds_config(cfg, world_size=2, dtype=torch.float32, trainable=False)
+    assert train["train_batch_size"] == 6 and train["gradient_clipping"] == 0.5
+    frozen = ds_config(cfg, micro_batch_size=3, grad_clip=0.5, world_size=2, dtype=torch.float32, trainable=False)
     assert frozen["zero_optimization"] == {"stage": 0} and "gradient_clipping" not in frozen
-    z3 = ds_config(LearnerConfig(zero_stage=3, zero3_param_persistence_threshold=0), world_size=2,
-                   dtype=torch.bfloat16, trainable=False)
+    z3 = ds_config(DeepSpeedConfig(zero_stage=3, zero3_param_persistence_threshold=0), micro_batch_size=4,
+                   grad_clip=1.0, world_size=2, dtype=torch.bfloat16, trainable=False)
     assert z3["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
     assert z3["bf16"] == {"enabled": True}
+
+
+def test_one_pad_id_rule_from_the_model_config():
+    from types import SimpleNamespace
+
+    assert pad_id(SimpleNamespace(pad_token_id=5, eos_token_id=2)) == 5
+    assert pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=[7, 8])) == 7  # a list of eos ids: the first
+    assert pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=[])) == 0
+    assert pad_id(SimpleNamespace()) == 0
