@@ -8,6 +8,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cai_ray.config import ConfigError, dump_config, load_config
 from cai_ray.constitution import ConstitutionError, load_constitution
@@ -199,19 +200,18 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(prog="cai-ray", description="Constitutional AI on Ray, vLLM and DeepSpeed.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--config``, ``--set`` and ``--verbose``: what every subcommand that runs a config takes."""
+    p.add_argument("--config", "-c", required=required, help="experiment YAML (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set learner.deepspeed.zero_stage=3 (repeatable)")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="show every engine and framework log on the console (--set logging.verbose=true); "
+                        "default: they go to RUN/logs/")
 
-    def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
-        p.add_argument("--config", "-c", required=required, help="experiment YAML (see configs/)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set learner.deepspeed.zero_stage=3 (repeatable)")
-        p.add_argument("--verbose", "-v", action="store_true",
-                       help="show every engine and framework log on the console (--set logging.verbose=true); "
-                            "default: they go to RUN/logs/")
 
+def _inspect_commands(sub: Any) -> None:
+    """config, plan, constitution, models: look before running."""
     cfg = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
     show = cfg.add_parser("show", help="print the fully resolved config")
     show.add_argument("config", nargs="?", help="experiment YAML (defaults if omitted)")
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="dry run: each role's actors, placement, device and backend; what the run "
                                        "asks the cluster for (no cluster, no model)")
-    with_config(plan)
+    _with_config(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(func=_plan)
 
@@ -234,16 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("names", nargs="+", help="tiny-random-llama, smollm2-135m-instruct, a folder or hub id")
     prep.set_defaults(func=_models_prepare)
 
+
+def _run_commands(sub: Any) -> None:
+    """sl, rl, run, eval, label: the stages and batch jobs."""
     for name, helptext, stages in (("sl", "SL-CAI: critique -> revision -> SFT", (True, False)),
                                    ("rl", "iterated online RL-CAI", (False, True)),
                                    ("run", "SL-CAI, then RL-CAI from the SL policy", (True, True))):
         p = sub.add_parser(name, help=helptext)
-        with_config(p)
+        _with_config(p)
         p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
         p.set_defaults(func=lambda a, st=stages: _run_stages(a, sl=st[0], rl=st[1]))
 
     ev = sub.add_parser("eval", help="harmlessness, over-refusal and win-rates of policy checkpoints")
-    with_config(ev)
+    _with_config(ev)
     ev.add_argument("--checkpoint", action="append", default=[], metavar="NAME=MODEL",
                     help="a policy to evaluate: HF folder, hub id or built-in name (repeatable, in order)")
     ev.add_argument("--run-dir", help="add the run's checkpoints: base (the config's policy), sl, rl, and its "
@@ -255,9 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     lab = sub.add_parser("label", help="offline AI preference labels for a file of (prompt, response_a, "
                                        "response_b) pairs, as a Ray Data batch job")
-    with_config(lab)
+    _with_config(lab)
     _label_arguments(lab)
 
+
+def _tool_commands(sub: Any) -> None:
+    """bench, axes, judge-check."""
     bench = sub.add_parser("bench", help="throughput benchmark suite (JSON + PNG under benchmarks/results/)")
     bench.add_argument("--quick", action="store_true", help="smoke every part with tiny sizes (numbers not quoted)")
     bench.add_argument("--only", default=None,
@@ -278,26 +284,37 @@ def build_parser() -> argparse.ArgumentParser:
     axes.set_defaults(func=_axes)
 
     jc = sub.add_parser("judge-check", help="the feedback model's accuracy per axis on the shipped calibration set")
-    with_config(jc)
+    _with_config(jc)
     jc.add_argument("--out", help="JSON output (default: RUN/judge_check.json)")
     jc.set_defaults(func=_judge_check)
 
+
+def _serve_commands(sub: Any) -> None:
+    """serve policy | feedback, and demo."""
     srv = sub.add_parser("serve", help="Ray Serve services (see the serve config section)").add_subparsers(
         dest="action", required=True)
     sp = srv.add_parser("policy", help="a policy behind an OpenAI-compatible API (/v1/chat/completions, ...)")
-    with_config(sp, required=False)
+    _with_config(sp, required=False)
     which = sp.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="built-in name, HF folder or hub id")
     which.add_argument("--run-dir", help="a run folder: serves its latest policy (RL checkpoint, else SL)")
     sp.set_defaults(func=_serve)
     sf = srv.add_parser("feedback", help="the feedback model as a labelling service (/feedback/v1/label, judge, "
                                          "revise)")
-    with_config(sf)
+    _with_config(sf)
     sf.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo", help="run the embedded default end to end")
-    with_config(demo, required=False)
+    _with_config(demo, required=False)
     demo.set_defaults(func=_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="cai-ray", description="Constitutional AI on Ray, vLLM and DeepSpeed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_inspect_commands, _run_commands, _tool_commands, _serve_commands):
+        add(sub)
     return parser
 
 

@@ -78,7 +78,11 @@ def openai_app(config: Any, *, digest: str | None) -> Any:
     if digest is not None:
         app.add_middleware(BearerTokenMiddleware, digest=digest)  # added last, so it runs first
     ingress = make_fastapi_ingress(OpenAiIngress, app=app)
-    return serve.deployment(ingress, **OpenAiIngress.get_deployment_options([config])).bind(
+    options = OpenAiIngress.get_deployment_options([config])
+    # The ingress only routes requests to the engine replicas. Serve's default of one logical CPU for it does not
+    # fit beside the engine's bundle on a small node (2 cores: the replica waits forever), so it asks for none.
+    options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0}
+    return serve.deployment(ingress, **options).bind(
         llm_deployments={config.model_id: build_llm_deployment(config)},
         model_cards={config.model_id: to_model_metadata(config.model_id, config)},
         lora_paths={},
