@@ -195,6 +195,9 @@ def _serve(args: argparse.Namespace) -> int:
               f"{'bearer token required' if service.authenticated else 'no token: loopback only'}); Ctrl-C stops",
               flush=True)
         wait_for_interrupt()
+    except KeyboardInterrupt:  # Ctrl-C while the replicas were still starting
+        print("interrupted before the service was up; stopped it", file=sys.stderr)
+        return 130
     finally:
         stop_serve()
     return 0

@@ -192,3 +192,40 @@ def test_rl_loop_labels_through_the_shared_service(feedback_service: Service, se
         assert m["labels/count"] > 0 and m["iteration/empty"] == 0.0
         assert m["sync/num_engines"] == 1.0  # the rollout engine only: the service is not pushed weights
     assert (run_dir / "judge_check.json").is_file()
+
+
+def test_serve_policy_command_serves_until_interrupted(tiny_model_path: str, tmp_path: Path) -> None:
+    """``cai-ray serve policy`` as a user runs it: its own local Ray on this small node, the model listed on
+    ``/v1/models``, and Ctrl-C stops it cleanly (exit 0, Serve shut down)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the session's Ray: a fresh one
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cai_ray", "serve", "policy", "--model", "tiny-random-llama",
+                                 "--set", f"serve.port={port}", "--set", "models.policy.max_model_len=512"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        try:
+            deadline, listed = time.monotonic() + 300, None
+            while time.monotonic() < deadline and proc.poll() is None and listed is None:
+                time.sleep(3)
+                try:
+                    reply = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+                    listed = [m["id"] for m in reply.json()["data"]] if reply.status_code == 200 else None
+                except (httpx.HTTPError, ValueError, KeyError):
+                    listed = None
+            assert listed == ["tiny-random-llama"], log.read_text()[-3000:]
+            while "serving 'tiny-random-llama' at" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(1)  # the whole app is up (the line a user waits for), not only the route
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert f"serving 'tiny-random-llama' at http://127.0.0.1:{port}/v1" in log.read_text()
