@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ def test_bench_learner_quick_writes_json(ray_local: None, tmp_path: Path) -> Non
     spec = importlib.util.spec_from_file_location("bench_learner", BENCH)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # as `python -m` would: the benchmark ships its update function by value
     spec.loader.exec_module(bench)
 
     # In-process: every rank (LearnerGroup's and the plain loop's) is an actor on the session's Ray.
