@@ -265,7 +265,7 @@ def test_async_loop_trains_on_samples_one_version_old(base_roles: Any, tmp_path:
     assert all(m["timing/idle"] >= 0 and m["timing/checkpoint"] >= 0 for m in history)
     # A run whose role fields differ is refused before anything starts or is written, naming each field.
     other = quickstart(tmp_path / "other", *ROLE_ARGS, "learner.optim.lr=1e-3", "rollout.max_new_tokens=8")
-    with pytest.raises(ValueError, match=r"started for a different config:\n  learner\.lr: 0\.01 \(roles\) != "
+    with pytest.raises(ValueError, match=r"started for a different config:\n  learner\.optim\.lr: 0\.01 \(roles\) != "
                                          r"0\.001 \(config\)\n  rollout\.max_new_tokens: 16 \(roles\) != 8"):
         rl_cai(other, run_dir_for(other), roles=base_roles)
     assert not run_dir_for(other).exists()
