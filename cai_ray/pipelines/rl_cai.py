@@ -60,6 +60,7 @@ from cai_ray.types import (
     RolloutBatch,
     Sample,
     TrainPair,
+    TrainSequence,
 )
 
 logger = logging.getLogger(__name__)
