@@ -291,9 +291,11 @@ def test_ray_job_submit_runs_the_submitted_code_on_every_node(tmp_path: Path) ->
         _wait_for_jobs_api(address, procs[0])
         _start_raylet(procs, [f"--address=127.0.0.1:{gcs}", "--num-cpus=2", f"--object-store-memory={384 << 20}",
                               f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={worker_tmp}"], env)
-        # SL + RL, small: RL's three one-CPU roles cannot fit on one two-CPU node.
+        # SL + RL, small: RL's three one-CPU roles cannot fit on one two-CPU node. SL's helpfulness stage is the
+        # same Ray Data path as its revisions (tested in test_sl_pipeline): one batch stage is enough here.
         out = _submit(address, [sys.executable, "-m", "cai_ray", "run", "--config", "configs/quickstart-cpu.yaml",
-                                "--set", "sl.num_red_team_prompts=2", "--set", "schedule.num_iterations=1",
+                                "--set", "sl.num_red_team_prompts=2", "--set", "sl.helpful_mix_ratio=0",
+                                "--set", "schedule.num_iterations=1",
                                 "--set", "schedule.num_prompts_per_iteration=2", "--set", "logging.wandb_mode=disabled",
                                 "--set", f"logging.output_dir={tmp_path}/runs/{{name}}",
                                 "--verbose"], env)  # the start-up lines on the console too, not only in RUN/logs
