@@ -158,27 +158,6 @@ PROBE = textwrap.dedent('''
 ''')
 
 
-def test_trust_remote_code_reaches_every_loader(tmp_path: Path) -> None:
-    from cai_ray.config import ModelConfig
-
-    folder, marker = tmp_path / "remote-code-model", tmp_path / "remote-code-ran"
-    folder.mkdir()
-    (folder / "probe.py").write_text(PROBE.format(marker=str(marker)))
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "cai_remote_probe", "architectures": ["ProbeModel"], "max_position_embeddings": 64,
-        "auto_map": {"AutoConfig": "probe.ProbeConfig", "AutoModel": "probe.ProbeModel",
-                     "AutoModelForCausalLM": "probe.ProbeModel"}}))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "ProbeTokenizer", "auto_map": {"AutoTokenizer": ["probe.ProbeTokenizer", None]}}))
-    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    off, on = (ModelConfig(name=str(folder), max_model_len=64, trust_remote_code=t) for t in (False, True))
-    for loader in LOADER_NAMES:
-        refused, allowed = _load([off, on], loader, env, marker=marker)  # refused first: nothing imported yet
-        assert "trust_remote_code" in refused.get("error", ""), (loader, refused)
-        assert not refused["code_ran"], f"{loader} ran the model's code with trust_remote_code off"
-        assert allowed["code_ran"], f"{loader} did not get trust_remote_code=True"  # it may fail later: no weights
-
-
 def _fake_hub_revision(root: Path, src: str, repo: str, revision: str, *, max_pos: int, template_tag: str) -> None:
     """``src`` as revision ``revision`` of hub repo ``repo`` in an HF hub cache at ``root`` (read offline)."""
     import hashlib
@@ -196,20 +175,43 @@ def _fake_hub_revision(root: Path, src: str, repo: str, revision: str, *, max_po
     (cache / "refs" / revision).write_text(commit)
 
 
-def test_revision_reaches_every_loader(tmp_path: Path, tiny_model_path: str) -> None:
+def _remote_code_model(tmp_path: Path) -> tuple[Path, Path]:
+    """A model folder whose remote code (config and tokenizer) touches a marker file when it runs; (folder, marker)."""
+    folder, marker = tmp_path / "remote-code-model", tmp_path / "remote-code-ran"
+    folder.mkdir()
+    (folder / "probe.py").write_text(PROBE.format(marker=str(marker)))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "cai_remote_probe", "architectures": ["ProbeModel"], "max_position_embeddings": 64,
+        "auto_map": {"AutoConfig": "probe.ProbeConfig", "AutoModel": "probe.ProbeModel",
+                     "AutoModelForCausalLM": "probe.ProbeModel"}}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "ProbeTokenizer", "auto_map": {"AutoTokenizer": ["probe.ProbeTokenizer", None]}}))
+    return folder, marker
+
+
+def test_revision_and_trust_remote_code_reach_every_loader(tmp_path: Path, tiny_model_path: str) -> None:
+    """One interpreter per loader (its start-up is the cost) loads both revisions of a hub repo, then the remote-code
+    model refused and allowed: the revisions first, as they import no remote code, and refused before allowed."""
     from cai_ray.config import ModelConfig
 
     hub, repo = tmp_path / "hub", "cai-test/tiny-revisions"
     _fake_hub_revision(hub, tiny_model_path, repo, "main", max_pos=2048, template_tag="main")
     _fake_hub_revision(hub, tiny_model_path, repo, "v1", max_pos=1536, template_tag="v1")
-    env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    folder, marker = _remote_code_model(tmp_path)
+    env = {"HF_HUB_CACHE": str(hub), "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     cases = ((None, 2048, "main"), ("v1", 1536, "v1"))
+    revisions = [ModelConfig(name=repo, revision=rev, dtype="float32", max_model_len=512) for rev, *_ in cases]
+    off, on = (ModelConfig(name=str(folder), max_model_len=64, trust_remote_code=t) for t in (False, True))
     for loader in LOADER_NAMES:
-        models = [ModelConfig(name=repo, revision=rev, dtype="float32", max_model_len=512) for rev, *_ in cases]
-        for (revision, max_pos, tag), got in zip(cases, _load(models, loader, env), strict=True):
+        *got_revisions, refused, allowed = _load([*revisions, off, on], loader, env, marker=marker)
+        for (revision, max_pos, tag), got in zip(cases, got_revisions, strict=True):
             assert "error" not in got, (loader, revision, got)
             if got["max_position_embeddings"] is not None:  # the model loaders
                 assert got["max_position_embeddings"] == max_pos, (loader, revision)
             if got["chat_template"] is not None:  # the tokenizer loaders (vLLM has both)
                 assert got["chat_template"].startswith(f"{{# {tag} #}}"), (loader, revision)
             assert loader != "vllm" or None not in got.values()
+            assert not got["code_ran"], (loader, revision)  # the marker is the probe's alone
+        assert "trust_remote_code" in refused.get("error", ""), (loader, refused)
+        assert not refused["code_ran"], f"{loader} ran the model's code with trust_remote_code off"
+        assert allowed["code_ran"], f"{loader} did not get trust_remote_code=True"  # it may fail later: no weights
