@@ -22,7 +22,6 @@ import pytest
 
 from cai_ray.config import load_config
 from cai_ray.serving.feedback import build_feedback_app, deploy_feedback
-from cai_ray.serving.policy import build_policy_app, deploy_policy
 from cai_ray.serving.service import Service, stop_serve
 
 pytestmark = pytest.mark.slow
@@ -178,7 +177,6 @@ def test_requests_without_the_right_token_are_refused(policy_service: Service, h
 def test_openai_client_with_a_wrong_key_gets_an_authentication_error(policy_service: Service) -> None:
     with pytest.raises(openai.AuthenticationError):
         _client(policy_service, key="wrong").chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=4)
-
 
 
 def test_serve_policy_command_serves_until_interrupted(policy_cli: PolicyCli) -> None:
