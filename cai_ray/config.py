@@ -249,12 +249,25 @@ class FeedbackConfig(_Strict):
 class DeepSpeedConfig(_Strict):
     """How DeepSpeed wraps each trainable learner model (``cai_ray.training.engine.ds_config``)."""
 
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    zero_stage: Literal[0, 1, 2, 3, "auto"] = Field(
+        "auto", description="DeepSpeed ZeRO stage. 'auto': 2 with two or more data-parallel ranks or with "
+        "offload_optimizer, 0 on a single rank without offload: ZeRO partitions over the ranks, so one rank has "
+        "nothing to partition and stage 0 skips the gradient-partitioning copies (`cai-ray plan` shows the "
+        "result). A number is used as given.",
+    )
     offload_optimizer: bool = Field(False, description="Keep optimizer state on CPU (ZeRO-Offload).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     zero3_param_persistence_threshold: int = Field(
         100_000, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every rank (0: shard all)."
     )
+
+    def resolved_stage(self, world_size: int) -> int:
+        """The stage ``zero_stage`` means with ``world_size`` data-parallel ranks. 'auto' is 0 on one rank
+        without offload (measured on SmolLM2, one rank: a DPO step of 8 pairs took 20 s at ZeRO-2 and 16.4 s
+        at stage 0, the same losses to 1e-5), else 2."""
+        if self.zero_stage != "auto":
+            return self.zero_stage
+        return 2 if world_size > 1 or self.offload_optimizer else 0
 
 
 class OptimConfig(_Strict):

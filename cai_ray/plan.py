@@ -58,6 +58,7 @@ class Plan:
     here: dict[str, str | None] = field(default_factory=dict)  # what this machine has installed
     learner_models: tuple[str, ...] = ("policy", "reference")  # what the RL learner holds and trains
     preference_model: str = ""  # why the learner does or does not hold a PM (schedule.preference_model)
+    zero: str = ""  # the ZeRO stage of the RL learner and the SFT job (learner.deepspeed.zero_stage resolved)
 
     def role(self, name: str) -> RolePlan:
         """The plan of role ``name``."""
@@ -79,7 +80,8 @@ class Plan:
                   **{k: v for k, v in asdict(r.backend).items() if k != "role"}, "dtype": r.dtype,
                   "tensor_parallel_size": r.tensor_parallel_size, "threads": r.threads} for r in self.roles]
         return {"name": self.name, "roles": roles,
-                "learner": {"models": list(self.learner_models), "preference_model": self.preference_model},
+                "learner": {"models": list(self.learner_models), "preference_model": self.preference_model,
+                            "zero": self.zero},
                 "sync": {"transport": self.sync_transport, "bucket_size_mb": self.sync_bucket_size_mb,
                          "targets": list(self.sync_targets)},
                 "totals": self.stage_totals(), "here": self.here}
@@ -110,7 +112,16 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
         roles += (role("red_team", ("rl",), cfg.red_team.num_workers, cfg.red_team.resources,
                        cfg.red_team.model or models.policy, cfg.red_team.engine.tensor_parallel_size),)
     return Plan(cfg.name, roles, cfg.resolved_sync_transport(), cfg.sync.bucket_size_mb,
-                tuple(name for name, _ in cfg.sync_targets()), _installed_here(), *_learner_models(cfg))
+                tuple(name for name, _ in cfg.sync_targets()), _installed_here(), *_learner_models(cfg), _zero(cfg))
+
+
+def _zero(cfg: ExperimentConfig) -> str:
+    """The ZeRO stage the RL learner and the SFT job run ('auto' resolved for their number of ranks)."""
+    ds = cfg.learner.deepspeed
+    parts = [f"{who} ZeRO-{ds.resolved_stage(n)} ({n} rank{'s' if n > 1 else ''})"
+             for who, n in (("RL learner", cfg.learner.num_ranks), ("SFT", cfg.sl.num_workers))]
+    return ", ".join(parts) + (" from learner.deepspeed.zero_stage=auto (0 on one rank without offload, else 2)"
+                               if ds.zero_stage == "auto" else "")
 
 
 def _learner_models(cfg: ExperimentConfig) -> tuple[tuple[str, ...], str]:
@@ -150,6 +161,7 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"weight sync: {plan.sync_transport}, {plan.sync_bucket_size_mb} MiB buckets, learner rank 0 -> "
                  f"{', '.join(plan.sync_targets)}")
     lines.append(f"learner holds: {', '.join(plan.learner_models)}; preference model: {plan.preference_model}")
+    lines.append(f"DeepSpeed: {plan.zero}")
     lines.append("threads: 'node' = the cores of the actor's node shared by its role's actors there (a phase that "
                  "runs alone), 'reserved' = ceil(num_cpus) (phases that overlap)")
     t = plan.stage_totals()

@@ -53,14 +53,16 @@ def ray_local() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def sl_policy(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> str:
     """SL-CAI once per session (critique/revision in the feedback pool, then the Ray Train SFT job): the HF
-    folder of the trained policy, for every test that starts from one (about 1.5-2 min on 2 cores)."""
+    folder of the trained policy, for every test that starts from one (about 1.5 min on 2 cores). Without SL's
+    helpfulness stage: the same batch path as the revisions, run by test_sl_pipeline."""
     from cai_ray.config import load_config
     from cai_ray.pipelines.run import run_experiment
 
     out = tmp_path_factory.mktemp("sl")
     cfg = load_config(QUICKSTART, [f"logging.output_dir={out}/{{name}}", "logging.wandb_mode=disabled",
-                                   "cluster.num_cpus=8", "sl.num_red_team_prompts=4"])
+                                   "cluster.num_cpus=8", "sl.num_red_team_prompts=4",
+                                   "sl.helpful_mix_ratio=0"])
     run_dir = run_experiment(cfg, sl=True, rl=False)
     summary = json.loads((run_dir / "sl" / "sl_data.json").read_text())
-    assert summary["num_rows"] >= 4  # revisions + helpfulness samples
+    assert summary["num_rows"] >= 2 and summary["helpful"] is None  # revisions only
     return str(run_dir / "sl" / "policy")

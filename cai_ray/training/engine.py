@@ -89,10 +89,11 @@ def ds_config(deepspeed: DeepSpeedConfig, *, micro_batch_size: int, grad_clip: f
               dtype: torch.dtype, trainable: bool = True) -> dict[str, Any]:
     """The DeepSpeed config for one model of the learner (or the SFT job).
 
-    ``trainable=False`` gives the config of a frozen model: ZeRO-3 stays ZeRO-3 (partitioned weights),
-    anything else becomes stage 0 (a replicated copy; there is no optimizer state to shard).
+    The stage is ``deepspeed.resolved_stage(world_size)``. ``trainable=False`` gives the config of a frozen model: ZeRO-3 stays
+    ZeRO-3 (partitioned weights), anything else becomes stage 0 (a replicated copy; no optimizer state to shard).
     """
-    stage = deepspeed.zero_stage if trainable or deepspeed.zero_stage == 3 else 0
+    stage = deepspeed.resolved_stage(world_size)
+    stage = stage if trainable or stage == 3 else 0
     zero: dict[str, Any] = {"stage": stage}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = deepspeed.zero3_param_persistence_threshold

@@ -20,7 +20,15 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults_validate() -> None:
     cfg = load_config(None)
     assert isinstance(cfg, ExperimentConfig)
-    assert cfg.learner.deepspeed.zero_stage == 2
+    assert cfg.learner.deepspeed.zero_stage == "auto"
+
+
+@pytest.mark.parametrize(("stage", "ranks", "offload", "expected"), [
+    ("auto", 1, False, 0), ("auto", 2, False, 2), ("auto", 1, True, 2), (3, 1, False, 3), (1, 4, False, 1)])
+def test_zero_stage_auto_is_stage_0_only_on_one_rank_without_offload(stage, ranks, offload, expected) -> None:
+    from cai_ray.config import DeepSpeedConfig
+
+    assert DeepSpeedConfig(zero_stage=stage, offload_optimizer=offload).resolved_stage(ranks) == expected
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -78,6 +78,7 @@ def test_plan_cli_json_and_overrides(capsys: pytest.CaptureFixture[str]) -> None
     assert learner["bundles"] == [{"CPU": 1.0}, {"CPU": 1.0}] and learner["dist_backend"] == "gloo"
     assert data["sync"] == {"transport": "object_store", "bucket_size_mb": 256, "targets": ["rollout", "feedback"]}
     assert data["totals"]["rl"] == {"CPU": 4.0, "GPU": 0.0}
+    assert data["learner"]["zero"].startswith("RL learner ZeRO-2 (2 ranks), SFT ZeRO-0 (1 rank) from ")
 
 
 def test_plan_of_a_mixed_layout_names_the_keys(capsys: pytest.CaptureFixture[str]) -> None:

@@ -115,6 +115,11 @@ def test_ds_config_frozen_and_offload():
                    grad_clip=1.0, world_size=2, dtype=torch.bfloat16, trainable=False)
     assert z3["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
     assert z3["bf16"] == {"enabled": True}
+    auto = DeepSpeedConfig()  # zero_stage 'auto': stage 0 on one rank, 2 on two
+    assert ds_config(auto, micro_batch_size=4, grad_clip=1.0, world_size=1,
+                     dtype=torch.float32)["zero_optimization"] == {"stage": 0}
+    assert ds_config(auto, micro_batch_size=4, grad_clip=1.0, world_size=2,
+                     dtype=torch.float32)["zero_optimization"] == {"stage": 2}
 
 
 def test_one_pad_id_rule_from_the_model_config():
