@@ -1,9 +1,10 @@
-"""The thread layout changes speed, not results: labels and DPO losses at 1 thread and at the node's cores.
+"""The thread layout and the ZeRO stage change speed, not results: labels and DPO losses before and after.
 
-Two feedback pools and two one-rank learners on tiny-random-llama (float32), one of each pinned to one thread
-(``resources.num_threads=1``, what every actor ran with before the layout) and one with ``node`` (every core of
-this machine, what a sync phase now gets), started together. The same comparison requests must get the same
-labels, and the same DPO batch the same losses over two steps, within float32 tolerances.
+Two feedback pools and two one-rank learners on tiny-random-llama (float32), started together: one of each as
+every actor ran before (``resources.num_threads=1``, the learner at ZeRO-2), one as a sync phase runs now
+(``node``: every core of this machine; the learner at ``zero_stage: auto``, stage 0 on one rank). The same
+comparison requests must get the same labels, and the same DPO batch the same losses over two steps, within
+float32 tolerances.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from cai_ray.types import ComparisonRequest, TrainPair
 pytestmark = pytest.mark.slow
 
 CLUSTER = ClusterConfig(startup_timeout_s=240, step_timeout_s=180, placement_timeout_s=120)
-LAYOUTS = {"one thread": 1, "node": "node"}
+LAYOUTS = {"one thread": 1, "node": "node"}  # name -> resources.num_threads
+ZERO = {"one thread": 2, "node": "auto"}  # name -> learner.deepspeed.zero_stage (auto: 0 on one rank)
 LOSS_TOLERANCE = 1e-5  # float32 reductions in another order: a few ulps of a loss near log 2
 
 
@@ -56,7 +58,13 @@ def _threads(actor: Any) -> int:
     return ray.get(actor.__ray_call__.remote(lambda self: __import__("torch").get_num_threads()), timeout=60)
 
 
-def _start(model: ModelConfig, threads: int | str) -> tuple[Any, Any]:
+def _zero_stage(actor: Any) -> int:
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(lambda self: int(self.policy.zero_optimization_stage())), timeout=60)
+
+
+def _start(model: ModelConfig, threads: int | str, zero_stage: int | str) -> tuple[Any, Any]:
     from cai_ray.inference.feedback import start_feedback_pool
     from cai_ray.training.group import LearnerGroup
     from cai_ray.training.learner import LearnerRoles
@@ -64,7 +72,7 @@ def _start(model: ModelConfig, threads: int | str) -> tuple[Any, Any]:
     resources = ResourcesConfig(num_cpus=1, num_threads=threads)
     feedback = FeedbackConfig(num_workers=1, batch_size=8, engine=EngineConfig(kv_cache_memory_mb=32, max_num_seqs=32),
                               judge_check=False, resources=resources)
-    learner = LearnerConfig(num_ranks=1, micro_batch_size=2, collective_timeout_s=120, deepspeed={"zero_stage": 2},
+    learner = LearnerConfig(num_ranks=1, micro_batch_size=2, collective_timeout_s=120, deepspeed={"zero_stage": zero_stage},
                             optim={"lr": 1e-3}, resources=resources)
     pool = start_feedback_pool(model, feedback, ConstitutionConfig(path="harmless"), DataConfig(max_prompt_tokens=200),
                                CLUSTER, seed=5)
@@ -76,16 +84,17 @@ def _start(model: ModelConfig, threads: int | str) -> tuple[Any, Any]:
         raise
 
 
-def test_labels_and_dpo_losses_do_not_depend_on_the_thread_layout(ray_local: None, tiny_model_path: str) -> None:
+def test_labels_and_dpo_losses_do_not_depend_on_threads_or_zero_stage(ray_local: None, tiny_model_path: str) -> None:
     from cai_ray.pipelines.policy_update import policy_update
 
     model = ModelConfig(name=tiny_model_path, dtype="float32", max_model_len=512)
     with ThreadPoolExecutor(max_workers=2) as threads:  # start-ups mostly wait: overlap them
-        started = dict(zip(LAYOUTS, threads.map(lambda t: _start(model, t), LAYOUTS.values())))
+        started = dict(zip(LAYOUTS, threads.map(lambda n: _start(model, LAYOUTS[n], ZERO[n]), LAYOUTS)))
     try:
         cores = len(os.sched_getaffinity(0))
-        got = {name: (_threads(pool.workers[0]), _threads(group.actors[0])) for name, (pool, group) in started.items()}
-        assert got == {"one thread": (1, 1), "node": (cores, cores)}
+        got = {name: (_threads(pool.workers[0]), _threads(group.actors[0]), _zero_stage(group.actors[0]))
+               for name, (pool, group) in started.items()}
+        assert got == {"one thread": (1, 1, 2), "node": (cores, cores, 0)}
         labels = {name: pool.label_pairs(_requests()) for name, (pool, _) in started.items()}
         dpo = policy_update(LearnerConfig(algorithm="dpo"), samples_per_prompt=2)
         losses = {name: [dpo.train(group, _pairs())["loss/dpo"] for _ in range(2)]
