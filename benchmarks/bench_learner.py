@@ -192,9 +192,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for p in plain:
             ray.kill(p)
 
+    stage = learner.deepspeed.resolved_stage(learner.num_ranks)  # 'auto' resolved, as both sides ran it
     result: dict[str, Any] = {
         "comparison": "LearnerGroup.update (an SFT step) vs a plain DeepSpeed loop",
-        "config": {"model": policy.name, "model_path": model_path, "zero_stage": learner.deepspeed.resolved_stage(learner.num_ranks),
+        "config": {"model": policy.name, "model_path": model_path, "zero_stage": stage,
                    "num_ranks": learner.num_ranks, "rows_per_rank": rows_per_rank,
                    "tokens_per_step": tokens_per_step, "steps_per_rep": args.steps, "warmup_steps": args.warmup,
                    "reps": args.reps, "dtype": "float32", "threads_per_rank": learner.resources.num_cpus},
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio": summary([r["ratio"] for r in reps]),
         "median_ratio": statistics.median(r["ratio"] for r in reps),
     }
-    path = write_result(f"learner-zero{learner.deepspeed.resolved_stage(learner.num_ranks)}", result, quick=args.quick, out_dir=Path(args.out),
+    path = write_result(f"learner-zero{stage}", result, quick=args.quick, out_dir=Path(args.out),
                         command=command_line("benchmarks.bench_learner", argv))
     result["json"] = str(path)
     print(f"median ratio learner/plain = {result['median_ratio']:.3f}  ->  {path}")

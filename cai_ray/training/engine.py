@@ -89,8 +89,9 @@ def ds_config(deepspeed: DeepSpeedConfig, *, micro_batch_size: int, grad_clip: f
               dtype: torch.dtype, trainable: bool = True) -> dict[str, Any]:
     """The DeepSpeed config for one model of the learner (or the SFT job).
 
-    The stage is ``deepspeed.resolved_stage(world_size)``. ``trainable=False`` gives the config of a frozen model: ZeRO-3 stays
-    ZeRO-3 (partitioned weights), anything else becomes stage 0 (a replicated copy; no optimizer state to shard).
+    The stage is ``deepspeed.resolved_stage(world_size)``. ``trainable=False`` gives the config of a frozen
+    model: ZeRO-3 stays ZeRO-3 (partitioned weights), anything else becomes stage 0 (a replicated copy; no
+    optimizer state to shard).
     """
     stage = deepspeed.resolved_stage(world_size)
     stage = stage if trainable or stage == 3 else 0

@@ -72,7 +72,8 @@ def _start(model: ModelConfig, threads: int | str, zero_stage: int | str) -> tup
     resources = ResourcesConfig(num_cpus=1, num_threads=threads)
     feedback = FeedbackConfig(num_workers=1, batch_size=8, engine=EngineConfig(kv_cache_memory_mb=32, max_num_seqs=32),
                               judge_check=False, resources=resources)
-    learner = LearnerConfig(num_ranks=1, micro_batch_size=2, collective_timeout_s=120, deepspeed={"zero_stage": zero_stage},
+    learner = LearnerConfig(num_ranks=1, micro_batch_size=2, collective_timeout_s=120,
+                            deepspeed={"zero_stage": zero_stage},
                             optim={"lr": 1e-3}, resources=resources)
     pool = start_feedback_pool(model, feedback, ConstitutionConfig(path="harmless"), DataConfig(max_prompt_tokens=200),
                                CLUSTER, seed=5)
