@@ -120,8 +120,7 @@ def _zero(cfg: ExperimentConfig) -> str:
     ds = cfg.learner.deepspeed
     parts = [f"{who} ZeRO-{ds.resolved_stage(n)} ({n} rank{'s' if n > 1 else ''})"
              for who, n in (("RL learner", cfg.learner.num_ranks), ("SFT", cfg.sl.num_workers))]
-    return ", ".join(parts) + (" from learner.deepspeed.zero_stage=auto (0 on one rank without offload, else 2)"
-                               if ds.zero_stage == "auto" else "")
+    return ", ".join(parts) + (" from learner.deepspeed.zero_stage=auto" if ds.zero_stage == "auto" else "")
 
 
 def _learner_models(cfg: ExperimentConfig) -> tuple[tuple[str, ...], str]:
