@@ -40,7 +40,7 @@ class SFTResult:
 
     policy_path: str  # HF-format policy folder (weights + tokenizer)
     checkpoint_path: str  # last Ray Train checkpoint (DeepSpeed state + HF folder)
-    metrics: dict[str, float]  # rank 0's last reported metrics
+    metrics: dict[str, float]  # rank 0's last reported metrics, with its phase seconds (timing/setup, train, ...)
 
 
 def encode_text_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], *, max_len: int) -> list[TrainSequence]:
@@ -122,6 +122,7 @@ def run_sft(data: ray.data.Dataset | Sequence[tuple[str, str]], *, model: ModelC
 def _train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker (Ray Train has already formed the torch.distributed group)."""
     import datetime
+    import time
 
     import ray.train
     import torch
@@ -129,6 +130,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     from cai_ray.backend import enter_role
     from cai_ray.training import engine as ds
 
+    began = time.perf_counter()
     sl: SLConfig = config["sl"]
     learner: LearnerConfig = config["learner"]
     seed: int = config["seed"]
@@ -146,23 +148,27 @@ def _train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(seed + 1000 * (rank + 1))
     rows = ray.train.get_dataset_shard("train")  # this worker's stream; every worker's is equally long
     tokenizer = ref.tokenizer()
+    timing = {"timing/setup": time.perf_counter() - began}
     for epoch in range(start_epoch, sl.num_epochs):
-        losses = []
+        losses, began = [], time.perf_counter()
         for batch in rows.iter_batches(batch_size=sl.micro_batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
                                        local_shuffle_seed=seed + epoch):
             seqs = encode_text_pairs(tokenizer, [(str(p), str(r)) for p, r in zip(batch["prompt"], batch["response"])],
                                      max_len=config["model"].max_model_len)
             losses.append(_step(engine, seqs, pad_id=pad_id, device=device))
         last = epoch == sl.num_epochs - 1
+        timing["timing/train"], began = time.perf_counter() - began, time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             engine.save_checkpoint(folder, tag="state")
+            timing["timing/save_state"], began = time.perf_counter() - began, time.perf_counter()
             if last:
                 ds.save_hf(engine.module, str(Path(folder) / HF_DIR), rank=rank,
                            bucket_bytes=config["bucket_bytes"], tokenizer_from=ref)
             if rank == 0:
                 (Path(folder) / PROGRESS_FILE).write_text(json.dumps({"epoch": epoch}))
+            timing["timing/save_hf"] = time.perf_counter() - began
             metrics = {"epoch": epoch, "loss/sft": sum(losses) / max(1, len(losses)), "steps": len(losses),
-                       "start_epoch": start_epoch}  # > 0: this run resumed from a checkpoint
+                       "start_epoch": start_epoch, **timing}  # start_epoch > 0: this run resumed from a checkpoint
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 

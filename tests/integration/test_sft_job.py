@@ -39,6 +39,8 @@ def test_sft_job_writes_a_loadable_hf_policy(ray_local, tiny_model_path, tmp_pat
                      run_dir=str(tmp_path), seed=0, bucket_bytes=BUCKET)
     assert result.metrics["steps"] == 3  # 10 rows / (2 workers x 2 rows), the last batch half filler
     assert result.metrics["start_epoch"] == 0
+    phases = ("timing/setup", "timing/train", "timing/save_state", "timing/save_hf")
+    assert all(result.metrics[k] > 0 for k in phases)  # where the job's time went, for the run's summary
 
     tuned = AutoModelForCausalLM.from_pretrained(result.policy_path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(result.policy_path)
