@@ -62,6 +62,9 @@ def test_sft_job_writes_a_loadable_hf_policy(ray_local, tiny_model_path, tmp_pat
     more = run_sft(DATA, model=ModelConfig(name=tiny_model_path), sl=SL.model_copy(update={"num_epochs": 2}),
                    learner=LEARNER, cluster=ClusterConfig(), run_dir=str(tmp_path), seed=0, bucket_bytes=BUCKET)
     assert (more.metrics["start_epoch"], more.metrics["epoch"], more.metrics["steps"]) == (1, 1, 3)
+    # Both ranks wrote straight into Ray Train's storage, which keeps only the newest checkpoint.
+    kept = sorted(p.name for p in (tmp_path / "ray_train" / "sft").glob("checkpoint_epoch_*"))
+    assert kept == ["checkpoint_epoch_0001"] and Path(more.checkpoint_path).name == kept[0]
 
     # A state file replaced by one that would run code is refused, by name, and runs nothing.
     marker = tmp_path / "code-ran"

@@ -28,7 +28,7 @@ def _prompts(path: Path) -> dict[str, int]:
 
 
 def test_sl_data_pipeline_shards_reports_and_resumes(ray_local, tmp_path):
-    from cai_ray.pipelines.sl_cai import SUMMARY_FILE, generate_sl_data
+    from cai_ray.pipelines.sl_cai import SFT_COLUMNS, SUMMARY_FILE, generate_sl_data, sft_dataset
 
     red = tmp_path / "red.jsonl"
     line = _prompts(red)
@@ -56,6 +56,15 @@ def test_sl_data_pipeline_shards_reports_and_resumes(ray_local, tmp_path):
     assert data.helpful is not None and data.helpful.num_rows == min(2, rev.num_rows)
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["revisions"]["num_bad_rows"] == 2 and summary["num_rows"] == data.num_rows
+
+    # The SFT job's dataset holds the same rows whether the driver reads the shards (small) or Ray Data's tasks do.
+    def sft_rows(driver_read_bytes: int) -> list[tuple[str, ...]]:
+        dataset = sft_dataset(data.files, driver_read_bytes=driver_read_bytes)
+        assert dataset.columns() == list(SFT_COLUMNS)
+        return sorted(tuple(r[c] for c in SFT_COLUMNS) for r in dataset.take_all())
+
+    by_driver = sft_rows(1 << 30)
+    assert len(by_driver) == data.num_rows and by_driver == sft_rows(0)
 
     # A re-run skips every shard already written; with one manifest gone, only that shard is redone.
     again = generate_sl_data(cfg, out)

@@ -2,7 +2,8 @@
 
 Two feedback pools and two one-rank learners on tiny-random-llama (float32), started together: one of each as
 every actor ran before (``resources.num_threads=1``, the learner at ZeRO-2), one as a sync phase runs now
-(``node``: every core of this machine; the learner at ``zero_stage: auto``, stage 0 on one rank). The same
+(``node``: every core of this machine; the learner at ``zero_stage: auto``, stage 0 on one rank, which skips
+DeepSpeed's gradient all-reduce). The same
 comparison requests must get the same labels, and the same DPO batch the same losses over two steps, within
 float32 tolerances.
 """
@@ -58,10 +59,13 @@ def _threads(actor: Any) -> int:
     return ray.get(actor.__ray_call__.remote(lambda self: __import__("torch").get_num_threads()), timeout=60)
 
 
-def _zero_stage(actor: Any) -> int:
+def _zero_stage(actor: Any) -> tuple[int, bool]:
+    """The policy engine's ZeRO stage and whether its backward all-reduces the gradients."""
     import ray
 
-    return ray.get(actor.__ray_call__.remote(lambda self: int(self.policy.zero_optimization_stage())), timeout=60)
+    return ray.get(actor.__ray_call__.remote(
+        lambda self: (int(self.policy.zero_optimization_stage()), bool(self.policy.enable_backward_allreduce))),
+        timeout=60)
 
 
 def _start(model: ModelConfig, threads: int | str, zero_stage: int | str) -> tuple[Any, Any]:
@@ -93,9 +97,10 @@ def test_labels_and_dpo_losses_do_not_depend_on_threads_or_zero_stage(ray_local:
         started = dict(zip(LAYOUTS, threads.map(lambda n: _start(model, LAYOUTS[n], ZERO[n]), LAYOUTS)))
     try:
         cores = len(os.sched_getaffinity(0))
-        got = {name: (_threads(pool.workers[0]), _threads(group.actors[0]), _zero_stage(group.actors[0]))
+        got = {name: (_threads(pool.workers[0]), _threads(group.actors[0]), *_zero_stage(group.actors[0]))
                for name, (pool, group) in started.items()}
-        assert got == {"one thread": (1, 1, 2), "node": (cores, cores, 0)}
+        # Stage 0 on one rank skips DeepSpeed's gradient all-reduce (nothing to reduce): the losses must not move.
+        assert got == {"one thread": (1, 1, 2, True), "node": (cores, cores, 0, False)}
         labels = {name: pool.label_pairs(_requests()) for name, (pool, _) in started.items()}
         dpo = policy_update(LearnerConfig(algorithm="dpo"), samples_per_prompt=2)
         losses = {name: [dpo.train(group, _pairs())["loss/dpo"] for _ in range(2)]
