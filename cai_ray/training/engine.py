@@ -76,9 +76,13 @@ def init_distributed(*, backend: str, rank: int, world_size: int, master_addr: s
     timeout = datetime.timedelta(seconds=timeout_s)
     if store is None:
         store = torch.distributed.TCPStore(master_addr, master_port, world_size, False, timeout)
+    device_id = None
     if backend == "nccl":
         torch.cuda.set_device(0)
-    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        # Bound to the group, so NCCL never guesses a rank's GPU (and barriers need no device_ids).
+        device_id = torch.device("cuda", 0)
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                                         device_id=device_id)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 

@@ -182,7 +182,9 @@ def _train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             (folder / PROGRESS_FILE).write_text(json.dumps({"epoch": epoch}))
         timing["timing/save_hf"] = time.perf_counter() - began
-        torch.distributed.barrier()  # every rank's files are in before the checkpoint is registered
+        # Every rank's files are in before the checkpoint is registered. Ray Train formed the group without a
+        # device, so NCCL is told each rank's GPU here rather than guessing it from the global rank.
+        torch.distributed.barrier(device_ids=[device.index] if device.type == "cuda" else None)
         metrics = {"epoch": epoch, "loss/sft": sum(losses) / max(1, len(losses)), "steps": len(losses),
                    "start_epoch": start_epoch, **timing}  # start_epoch > 0: this run resumed from a checkpoint
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),

@@ -31,6 +31,7 @@ from cai_ray.config import (
     ModelsConfig,
     ResourcesConfig,
     RolloutConfig,
+    SLConfig,
     SyncConfig,
     load_config,
 )
@@ -102,12 +103,21 @@ def test_deepspeed_zero_on_cuda_with_nccl(ray_local: None, tiny_model_path: str,
     from cai_ray.pipelines.policy_update import policy_update
     from cai_ray.training.learner import policy_logprobs
 
+    def devices(worker: Any) -> dict[str, str]:
+        """Inside a learner actor (a closure, so Ray ships it by value: the actor cannot import this test module):
+        DeepSpeed's accelerator, the process group's backend, where and in which dtype the policy lives."""
+        from deepspeed.accelerator import get_accelerator
+
+        param = next(worker.policy.module.parameters())
+        return {"accelerator": get_accelerator().device_name(), "process_group": torch.distributed.get_backend(),
+                "param_device": param.device.type, "dtype": str(param.dtype).removeprefix("torch.")}
+
     learner = LearnerConfig(num_ranks=1, micro_batch_size=4, collective_timeout_s=120, deepspeed={"zero_stage": stage},
                             optim={"lr": 1e-3}, resources=_gpus(whole=True))
     group = LearnerGroup(learner, ModelsConfig(policy=ModelConfig(name=tiny_model_path)), CLUSTER, seed=0,
                          roles=LearnerRoles(reference=True))
     try:
-        [where] = launcher.get_all([a.__ray_call__.remote(_learner_devices) for a in group.actors], timeout=CLUSTER.step,
+        [where] = launcher.get_all([a.__ray_call__.remote(devices) for a in group.actors], timeout=CLUSTER.step,
                                    names=["learner rank 0: devices"])
         assert where == {"accelerator": "cuda", "process_group": "nccl", "param_device": "cuda", "dtype": "bfloat16"}
         prompt, good, bad = tuple(range(40, 60)), tuple(range(100, 110)), tuple(range(300, 310))
@@ -123,13 +133,29 @@ def test_deepspeed_zero_on_cuda_with_nccl(ray_local: None, tiny_model_path: str,
     assert after[0] - after[1] > before[0] - before[1]  # the preferred continuation gained on the other
 
 
-def _learner_devices(worker: Any) -> dict[str, str]:
-    """Inside a learner actor: DeepSpeed's accelerator, the process group's backend, where the policy lives."""
-    from deepspeed.accelerator import get_accelerator
+def test_sft_job_on_cuda_resumes_from_its_checkpoint(ray_local: None, tiny_model_path: str, tmp_path: Path) -> None:
+    from safetensors import safe_open
 
-    param = next(worker.policy.module.parameters())
-    return {"accelerator": get_accelerator().device_name(), "process_group": torch.distributed.get_backend(),
-            "param_device": param.device.type, "dtype": str(param.dtype).removeprefix("torch.")}
+    from cai_ray.training.sft_job import run_sft
+
+    # One Ray Train worker on a whole GPU (use_gpu, nccl), ZeRO-2, dtype 'auto': the worker decides bf16 on CUDA.
+    data = [(f"Question {i}: what is {i} plus {i}?", f"The answer is {2 * i}.") for i in range(8)]
+    sl = SLConfig(num_workers=1, num_epochs=1, lr=2e-3, micro_batch_size=4, max_failures=0, resources=_gpus(whole=True))
+    learner = LearnerConfig(deepspeed={"zero_stage": 2}, collective_timeout_s=120)
+    model = ModelConfig(name=tiny_model_path, dtype="auto", max_model_len=256)
+
+    def sft(epochs: int) -> Any:
+        return run_sft(data, model=model, sl=sl.model_copy(update={"num_epochs": epochs}), learner=learner,
+                       cluster=CLUSTER, run_dir=str(tmp_path), seed=0, bucket_bytes=1 << 20)
+
+    first, more = sft(1), sft(3)  # the second run resumes after epoch 0 from the CUDA checkpoint, weights-only
+    assert first.metrics["steps"] == 2 and (more.metrics["start_epoch"], more.metrics["epoch"]) == (1, 2)
+    assert more.metrics["loss/sft"] < first.metrics["loss/sft"]  # training went on from the resumed state
+    dtypes = set()
+    for shard in Path(more.policy_path).glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 - safe_open has no iteration
+    assert dtypes == {"BF16"}, dtypes  # the policy was trained on the GPU in bf16, not silently on the CPU
 
 
 @pytest.fixture  # function scope: its GPU share must be free again for the RL iteration below

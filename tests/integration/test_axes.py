@@ -32,6 +32,7 @@ def axis_worker(tiny_model_path: str) -> Any:
 def test_per_axis_labels_one_call_swap_exact(axis_worker: Any) -> None:
     from cai_ray.algorithms.aggregation import aggregate_label
     from cai_ray.constitution import load_constitution
+    from cai_ray.inference.labels import CROSS_CALL_TOLERANCE
 
     worker = axis_worker
     calls: list[int] = []
@@ -48,14 +49,18 @@ def test_per_axis_labels_one_call_swap_exact(axis_worker: Any) -> None:
         del worker._engine.score  # the instance attribute goes; the engine's own method is back
     axes = load_constitution("axes12").axis_ids
     assert calls == [len(PAIRS) * len(axes) * 2]  # every axis, both orders, all pairs: ONE engine call
-    back = worker.label_pairs([ComparisonRequest(r.pair_id, r.prompt, r.response_b, r.response_a) for r in PAIRS])
+    # Exact swap symmetry holds within one worker call (the grid of labels.py); across calls, other batch shapes
+    # can move a label by float32 engine noise, which may cross a grid step: there the tolerance applies.
+    swapped = [ComparisonRequest(r.pair_id, r.prompt, r.response_b, r.response_a) for r in PAIRS]
+    both = worker.label_pairs(PAIRS + swapped)
     c = load_constitution("axes12")
     ranks = {a: c.axis_tier_rank(a) for a in axes}
-    for label, swapped in zip(labels, back):
+    for label, same, back in zip(labels, both[:len(PAIRS)], both[len(PAIRS):], strict=True):
         assert label.error is None and label.axes == axes and set(label.axis_probs) == set(axes)
         assert len(label.principle_ids) == len(axes)  # one principle per axis
         for axis in axes:
-            assert swapped.axis_probs[axis] == 1 - label.axis_probs[axis]  # swap-debiased: exact on the grid
+            assert back.axis_probs[axis] == 1 - same.axis_probs[axis]  # swap-debiased: exact on the grid
+            assert same.axis_probs[axis] == pytest.approx(label.axis_probs[axis], abs=CROSS_CALL_TOLERANCE)
         assert label.prob_a == aggregate_label(label.axis_probs, mode="priority", ranks=ranks, margin=0.01)
 
 
