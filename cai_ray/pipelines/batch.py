@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -258,10 +259,15 @@ def _shard_dataset(task: BatchTask, todo: Sequence[_Shard], out: Path, num_worke
     res = task.resources
     ds = ray.data.from_items([{"shard": s.index, "name": s.name, "fingerprint": s.fingerprint,
                                "rows_json": json.dumps(s.rows)} for s in todo], override_num_blocks=len(todo))
-    return ds.map_batches(_ShardActor, fn_constructor_args=(task, str(out), num_workers), batch_size=1,
-                          concurrency=min(num_workers, len(todo)), num_cpus=res.num_cpus,
-                          num_gpus=res.num_gpus or None, max_restarts=task.max_restarts,
-                          runtime_env={"env_vars": decide(task.role, res).env})
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for the pool actors' max_restarts (its default restarts them forever),
+        # so it goes through **ray_remote_args, which warns that this route goes away in Ray 2.64. Ray is pinned.
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated", category=DeprecationWarning)
+        return ds.map_batches(_ShardActor, fn_constructor_args=(task, str(out), num_workers), batch_size=1,
+                              compute=ray.data.ActorPoolStrategy(size=min(num_workers, len(todo))),
+                              num_cpus=res.num_cpus,
+                              num_gpus=res.num_gpus or None, max_restarts=task.max_restarts,
+                              runtime_env={"env_vars": decide(task.role, res).env})
 
 
 def _task_key(task: BatchTask) -> str:

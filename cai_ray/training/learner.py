@@ -39,6 +39,7 @@ from cai_ray.training.modeling import (
     last_token_scores,
     micro_batches,
     pad_id,
+    response_logits,
     response_rows,
 )
 from cai_ray.types import TrainSequence
@@ -208,9 +209,10 @@ class LearnerWorker:
 
 # ------------------------------------------------------------------------------------ forwards
 def token_logprobs(model: Any, mb: SequenceBatch) -> Tensor:
-    """[B, T-1] log-prob of each next token."""
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
-    return gather_token_logprobs(logits[:, :-1], mb.labels)
+    """[B, T-1] log-prob of each next token; 0 in the columns before ``mb.first_loss_column`` (never computed,
+    and outside every row's loss mask)."""
+    logits, start = response_logits(model, mb)
+    return torch.nn.functional.pad(gather_token_logprobs(logits, mb.labels[:, start:]), (start, 0))
 
 
 def values(model: Any, mb: SequenceBatch) -> Tensor:

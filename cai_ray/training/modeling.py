@@ -18,6 +18,8 @@ No Ray or DeepSpeed here.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -62,6 +64,12 @@ class SequenceBatch:
     def num_rows(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def first_loss_column(self) -> int:
+        """The first column of ``loss_mask`` that any row uses (0 when none does): no loss reads one before it."""
+        used = self.loss_mask.any(dim=0)
+        return int(used.int().argmax()) if bool(used.any()) else 0
+
     def rows(self, start: int, stop: int) -> SequenceBatch:
         """Rows ``start:stop``, trimmed to their longest row (token tensors keep their first columns)."""
         attention = self.attention_mask[start:stop]
@@ -75,6 +83,30 @@ class SequenceBatch:
 
     def to(self, device: torch.device | str) -> SequenceBatch:
         return SequenceBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask, self.valid)))
+
+
+def response_logits(model: Any, mb: SequenceBatch) -> tuple[Tensor, int]:
+    """A causal LM's next-token logits [B, T-1-s, V] for the label columns ``s:`` of ``mb``, and ``s``.
+
+    ``s`` is ``mb.first_loss_column``: the prompt columns before it feed no loss, so they skip the LM head
+    (``logits_to_keep``). Projecting them onto the vocabulary (49k tokens on SmolLM2), then their log-softmax
+    and its backward, is work whose result no loss reads. A model whose forward lacks ``logits_to_keep``
+    computes every column and the unused ones are sliced off.
+    """
+    start = mb.first_loss_column
+    keep = {"logits_to_keep": mb.input_ids.shape[1] - start} if _takes_logits_to_keep(type(_unwrap(model))) else {}
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, **keep).logits
+    return (logits if keep else logits[:, start:])[:, :-1], start
+
+
+def _unwrap(model: Any) -> Any:
+    """The HF module inside a DeepSpeed engine (which passes keyword arguments through to it)."""
+    return getattr(model, "module", model)
+
+
+@functools.cache
+def _takes_logits_to_keep(model_type: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_type.forward).parameters
 
 
 def collate_token_rows(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, pad_id: int,

@@ -229,11 +229,11 @@ def _resume(engine: Any) -> int:
 def _step(engine: Any, seqs: Sequence[TrainSequence], *, pad_id: int, device: Any) -> float:
     """One optimizer step on one micro-batch; returns its SFT loss."""
     from cai_ray.algorithms.sft import sft_loss
-    from cai_ray.training.modeling import collate_sequences
+    from cai_ray.training.modeling import collate_sequences, response_logits
 
     batch = collate_sequences(seqs, pad_id=pad_id).to(device)
-    logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    loss, metrics = sft_loss(logits=logits[:, :-1], labels=batch.labels, loss_mask=batch.loss_mask)
+    logits, start = response_logits(engine, batch)  # the prompt columns before `start` skip the LM head
+    loss, metrics = sft_loss(logits=logits, labels=batch.labels[:, start:], loss_mask=batch.loss_mask[:, start:])
     engine.backward(loss)
     engine.step()
     return float(metrics["loss/sft"])
