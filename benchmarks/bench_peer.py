@@ -375,7 +375,7 @@ def _plot_sides(ax: Any, result: dict[str, Any]) -> None:
            color=["tab:blue" if n.startswith("cai_ray") else "tab:orange" for n in names])
     s = result["settings"]
     ax.set_ylabel("seconds per iteration (median, min-max over runs)")
-    ax.set_title(f"online DPO with an LLM judge: cai-ray vs TRL {s['trl_version']} ({s['model']}, "
+    ax.set_title(f"online DPO with an LLM judge: cai-ray vs TRL {s['trl_version']}\n({s['model']}, "
                  f"{s['prompts_per_iteration']}x2 samples, {s['max_new_tokens']} tokens)", fontsize=9)
     ax.tick_params(axis="x", labelsize=8)
 
