@@ -50,3 +50,25 @@ def test_a_run_prints_its_result_and_sends_engine_logs_to_the_run_folder(tmp_pat
         assert VLLM_WARNING.search(engine_log) and not VLLM_INFO.search(engine_log), engine_log  # vLLM at WARNING
     assert "DeepSpeed" in (logs / "learner-rank-0.log").read_text()
     assert list((run / "wandb").glob("offline-run-*"))  # wandb still logged, silently
+
+
+def test_ray_data_says_nothing_of_the_progress_bars_cai_ray_turns_off(tmp_path: Path) -> None:
+    """A quiet run's Ray Data logging config (run_logs.QUIET_ENV) keeps the "Progress bars disabled" advice off the
+    console: batch jobs turn Ray Data's own bars off while cai-ray's rows/s bar runs."""
+    from cai_ray.run_logs import QUIET_ENV
+
+    code = ("import ray, ray.data\n"
+            "ray.init(num_cpus=1, include_dashboard=False)\n"
+            "ray.data.DataContext.get_current().enable_progress_bars = False\n"
+            "assert ray.data.range(4).take_all()\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def console(extra: dict[str, str]) -> str:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, **extra},
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    assert "Progress bars disabled" in console({})  # what Ray Data says by default ...
+    quiet = console({"RAY_DATA_LOGGING_CONFIG": QUIET_ENV["RAY_DATA_LOGGING_CONFIG"]})
+    assert "Progress bars disabled" not in quiet, quiet  # ... and not in a quiet run
