@@ -265,8 +265,7 @@ def _shard_dataset(task: BatchTask, todo: Sequence[_Shard], out: Path, num_worke
         warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated", category=DeprecationWarning)
         return ds.map_batches(_ShardActor, fn_constructor_args=(task, str(out), num_workers), batch_size=1,
                               compute=ray.data.ActorPoolStrategy(size=min(num_workers, len(todo))),
-                              num_cpus=res.num_cpus,
-                              num_gpus=res.num_gpus or None, max_restarts=task.max_restarts,
+                              num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, max_restarts=task.max_restarts,
                               runtime_env={"env_vars": decide(task.role, res).env})
 
 

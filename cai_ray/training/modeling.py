@@ -67,8 +67,7 @@ class SequenceBatch:
     @property
     def first_loss_column(self) -> int:
         """The first column of ``loss_mask`` that any row uses (0 when none does): no loss reads one before it."""
-        used = self.loss_mask.any(dim=0)
-        return int(used.int().argmax()) if bool(used.any()) else 0
+        return int(self.loss_mask.any(dim=0).int().argmax())  # argmax gives the first maximum, 0 for all-zero
 
     def rows(self, start: int, stop: int) -> SequenceBatch:
         """Rows ``start:stop``, trimmed to their longest row (token tensors keep their first columns)."""
@@ -94,14 +93,10 @@ def response_logits(model: Any, mb: SequenceBatch) -> tuple[Tensor, int]:
     computes every column and the unused ones are sliced off.
     """
     start = mb.first_loss_column
-    keep = {"logits_to_keep": mb.input_ids.shape[1] - start} if _takes_logits_to_keep(type(_unwrap(model))) else {}
+    hf_module = getattr(model, "module", model)  # inside a DeepSpeed engine, which passes keyword arguments on
+    keep = {"logits_to_keep": mb.input_ids.shape[1] - start} if _takes_logits_to_keep(type(hf_module)) else {}
     logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, **keep).logits
     return (logits if keep else logits[:, start:])[:, :-1], start
-
-
-def _unwrap(model: Any) -> Any:
-    """The HF module inside a DeepSpeed engine (which passes keyword arguments through to it)."""
-    return getattr(model, "module", model)
 
 
 @functools.cache
